@@ -1,0 +1,628 @@
+"""``GradientConductor``: accumulation → resolution → momentum → ``p.grad`` (SPEC §1.3)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _validation as v
+from ._arbitrator import Arbitrator
+from ._momentum import Momentum, apply_trust_ratio_
+from ._resolution import ZONES, cosine_matrix, resolve_gram
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+DataProvider = Callable[[], Any]
+
+_STATE_FORMAT = "gcond.GradientConductor/1"
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class GradientConductor:
+    """Replaces ``loss.backward()`` + gradient accumulation for several, possibly conflicting,
+    losses. See SPEC §1 for every parameter; ``per_loss_backward`` (``"auto"``, ``"batched"``,
+    ``"sequential"``) chooses how full mode gets K gradients from one forward: one batched
+    backward (``is_grads_batched``), or K backwards over the retained graph. ``"auto"`` tries the
+    batched one and falls back for good if the model has no batching rule.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fns: Mapping[str, LossFn],
+        lambdas: Mapping[str, float],
+        accumulation_steps: int,
+        *,
+        accumulation: str = "full",
+        resolution: str = "zones",
+        conflict_thresholds: tuple[float, float, float] = (-0.8, -0.5, 0.0),
+        projection_max_iters: int | None = None,
+        dominance_window: int = 3,
+        tie_breaking_weights: tuple[float, float] = (0.8, 0.2),
+        norm_ema_beta: float = 0.95,
+        norm_cap: float | None = None,
+        momentum_beta: float = 0.0,
+        use_lion: bool = False,
+        trust_ratio_coef: float | None = None,
+        trust_ratio_clip: float = 10.0,
+        remap_power: float = 2.0,
+        return_raw_grad: bool = False,
+        freeze_bn: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        grad_dtype: torch.dtype = torch.float32,
+        ddp_sync: str = "grads",
+        per_loss_backward: str = "auto",
+        eps: float = 1e-8,
+    ) -> None:
+        v.check_type("model", model, nn.Module, "a torch.nn.Module")
+        v.check_mapping("loss_fns", loss_fns)
+        if len(loss_fns) == 0:
+            raise ValueError("loss_fns must hold at least one loss, got {}")
+        for name, fn in loss_fns.items():
+            if not callable(fn):
+                raise TypeError(f"loss_fns[{name!r}] must be callable, got {fn!r}")
+        v.check_mapping("lambdas", lambdas)
+        if set(lambdas) != set(loss_fns):
+            raise ValueError(
+                f"lambdas must have the same keys as loss_fns ({sorted(loss_fns)}), "
+                f"got {sorted(lambdas)}"
+            )
+        for name in loss_fns:
+            v.check_real(f"lambdas[{name!r}]", lambdas[name], low=0.0)
+        v.check_int("accumulation_steps", accumulation_steps, low=1)
+        v.check_choice("accumulation", accumulation, ("full", "stochastic"))
+        if accumulation == "stochastic" and accumulation_steps < len(loss_fns):
+            raise ValueError(
+                f"accumulation_steps must be >= the number of losses ({len(loss_fns)}) in "
+                f"stochastic mode, got {accumulation_steps}"
+            )
+        v.check_choice("resolution", resolution, ("zones", "smooth"))
+        thresholds = v.check_real_tuple("conflict_thresholds", conflict_thresholds, 3)
+        for i, c in enumerate(thresholds):
+            v.check_real(f"conflict_thresholds[{i}]", c, low=-1.0, high=1.0)
+        if not thresholds[0] <= thresholds[1] <= thresholds[2]:
+            raise ValueError(
+                "conflict_thresholds must be non-decreasing (critical <= main <= weak), "
+                f"got {conflict_thresholds!r}"
+            )
+        v.check_int("projection_max_iters", projection_max_iters, low=0, allow_none=True)
+        v.check_int("dominance_window", dominance_window, low=0)
+        weights = v.check_real_tuple("tie_breaking_weights", tie_breaking_weights, 2)
+        for i, w in enumerate(weights):
+            v.check_real(f"tie_breaking_weights[{i}]", w, low=0.0)
+        if sum(weights) <= 0:
+            raise ValueError(f"tie_breaking_weights must have a positive sum, got {weights!r}")
+        v.check_real("norm_ema_beta", norm_ema_beta, low=0.0, high=1.0, high_open=True)
+        v.check_real("norm_cap", norm_cap, low=0.0, low_open=True, allow_none=True)
+        v.check_real("momentum_beta", momentum_beta, low=0.0, high=1.0, high_open=True)
+        v.check_type("use_lion", use_lion, bool, "a bool")
+        if use_lion and momentum_beta <= 0:
+            raise ValueError("use_lion=True needs momentum_beta > 0, got momentum_beta=0")
+        v.check_real("trust_ratio_coef", trust_ratio_coef, low=0.0, low_open=True, allow_none=True)
+        v.check_real("trust_ratio_clip", trust_ratio_clip, low=0.0, low_open=True)
+        v.check_real("remap_power", remap_power, low=0.0, low_open=True)
+        v.check_type("return_raw_grad", return_raw_grad, bool, "a bool")
+        v.check_type("freeze_bn", freeze_bn, bool, "a bool")
+        if autocast_dtype is not None:
+            v.check_choice("autocast_dtype", autocast_dtype, _AUTOCAST_DTYPES)
+        if scaler is not None and not all(
+            hasattr(scaler, a) for a in ("scale", "unscale_", "step", "update")
+        ):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
+        v.check_choice("grad_dtype", grad_dtype, _GRAD_DTYPES)
+        v.check_choice("ddp_sync", ddp_sync, ("grads", "update", "none"))
+        v.check_choice("per_loss_backward", per_loss_backward, ("auto", "batched", "sequential"))
+        v.check_real("eps", eps, low=0.0, low_open=True)
+
+        self.model = model
+        # Under DDP the forwards and backwards run on the wrapped module: DDP's own all-reduce
+        # never fires, and the conductor makes the one collective that ``ddp_sync`` asks for.
+        self._module: nn.Module = getattr(model, "module", model) if _is_ddp(model) else model
+        self.loss_fns = dict(loss_fns)
+        self.loss_names = list(loss_fns)
+        self.lambdas = {k: float(lambdas[k]) for k in self.loss_names}
+        self.accumulation_steps = accumulation_steps
+        self.accumulation = accumulation
+        self.resolution = resolution
+        self.conflict_thresholds = thresholds
+        self.projection_max_iters = projection_max_iters
+        self.dominance_window = dominance_window
+        self.tie_breaking_weights = weights
+        self.norm_ema_beta = float(norm_ema_beta)
+        self.norm_cap = norm_cap
+        self.momentum_beta = float(momentum_beta)
+        self.use_lion = use_lion
+        self.trust_ratio_coef = trust_ratio_coef
+        self.trust_ratio_clip = float(trust_ratio_clip)
+        self.remap_power = float(remap_power)
+        self.return_raw_grad = return_raw_grad
+        self.freeze_bn = freeze_bn
+        self.autocast_dtype = autocast_dtype
+        self.scaler = scaler
+        self.grad_dtype = grad_dtype
+        self.ddp_sync = ddp_sync
+        self.per_loss_backward = per_loss_backward
+        self.eps = float(eps)
+
+        self._params = [p for p in self._module.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError(f"model has no parameters with requires_grad=True: {type(model)}")
+        devices = {p.device for p in self._params}
+        if len(devices) != 1:
+            raise ValueError(
+                f"model parameters must live on one device, got {sorted(map(str, devices))}"
+            )
+        self.device = next(iter(devices))
+        self._shapes = [tuple(p.shape) for p in self._params]
+        self._numels = [p.numel() for p in self._params]
+        self.num_params = sum(self._numels)
+        k, numel = len(self.loss_names), self.num_params
+
+        # Flat buffers, one per role (§1.7): two K×P stacks that swap roles each step (this
+        # step's accumulators become next step's previous gradients without a copy), the
+        # momentum and the P-sized update that p.grad views point into.
+        self._stacks = [torch.zeros(k, numel, dtype=grad_dtype, device=self.device) for _ in "ab"]
+        self._stack_views = [self._views_of(s) for s in self._stacks]
+        self._stack_batched_views = [
+            _split_batched(s, self._numels, self._shapes) for s in self._stacks
+        ]
+        self._current = 0
+        update_dtype = _common_dtype(self._params)
+        self._update = torch.zeros(numel, dtype=update_dtype, device=self.device)
+        self._update_views = _split(self._update, self._numels, self._shapes)
+        self._momentum = Momentum(
+            numel, self.momentum_beta, use_lion=use_lion, dtype=grad_dtype, device=self.device
+        )
+        self._loss_sums = torch.zeros(k, dtype=torch.float32, device=self.device)
+        self._eye = torch.eye(k, dtype=torch.float32, device=self.device)
+        self._scales = self._backward_scales()
+        self.arbitrator = Arbitrator(
+            k,
+            dominance_window=dominance_window,
+            tie_breaking_weights=weights,
+            norm_ema_beta=self.norm_ema_beta,
+            eps=self.eps,
+        )
+        self._has_prev = False
+        self._prev_norms = [0.0] * k
+        self._step = 0  # non-skipped steps (t in the bias correction)
+        self._batched_ok: bool | None = {"auto": None, "batched": True, "sequential": False}[
+            per_loss_backward
+        ]
+
+    # ------------------------------------------------------------------ public API
+
+    def step(self, data_provider: DataProvider) -> dict[str, float]:
+        """Accumulate, resolve and write ``p.grad``; returns the step's statistics (SPEC §1.4)."""
+        if not callable(data_provider):
+            raise TypeError(f"data_provider must be callable, got {data_provider!r}")
+        acc = self._stacks[self._current]
+        acc.zero_()
+        self._loss_sums.zero_()
+        with self._frozen_batchnorm():
+            for i in range(self.accumulation_steps):
+                self._accumulate_micro_batch(data_provider, i)
+        if self.ddp_sync == "grads" and _distributed():
+            # One flat collective for all K accumulators (and the K loss sums beside it).
+            world = dist.get_world_size()
+            dist.all_reduce(acc)
+            acc.div_(world)
+            dist.all_reduce(self._loss_sums)
+            self._loss_sums.div_(world)
+        return self._finish_step(acc)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit (SPEC §1.6). Safe for ``weights_only``."""
+        prev = self._stacks[1 - self._current]
+        return {
+            "format": _STATE_FORMAT,
+            "loss_names": list(self.loss_names),
+            "param_shapes": [list(s) for s in self._shapes],
+            "step": self._step,
+            "has_prev": self._has_prev,
+            "prev_grads": prev.detach().clone() if self._has_prev else None,
+            "prev_norms": torch.tensor(self._prev_norms, dtype=torch.float64),
+            "momentum": None if self._momentum.buffer is None else self._momentum.buffer.clone(),
+            "arbitrator": self.arbitrator.state_dict(),
+            "batched_backward": self._batched_ok,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refuses a state of other losses or parameter shapes."""
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a GradientConductor state (format {state.get('format')!r})")
+        if list(state["loss_names"]) != self.loss_names:
+            raise ValueError(
+                f"conductor state is for losses {list(state['loss_names'])}, "
+                f"this conductor has {self.loss_names}"
+            )
+        shapes = [tuple(s) for s in state["param_shapes"]]
+        if shapes != self._shapes:
+            diff = next(
+                (i for i, (a, b) in enumerate(zip(shapes, self._shapes, strict=False)) if a != b),
+                min(len(shapes), len(self._shapes)),
+            )
+            raise ValueError(
+                f"conductor state is for other parameters: {len(shapes)} tensors saved, "
+                f"{len(self._shapes)} in the model; first mismatch at parameter {diff}"
+            )
+        momentum = state["momentum"]
+        if (momentum is None) != (self._momentum.buffer is None):
+            raise ValueError("conductor state and this conductor disagree on momentum (beta > 0)")
+        self._step = int(state["step"])
+        self._has_prev = bool(state["has_prev"])
+        self._prev_norms = [float(x) for x in state["prev_norms"].tolist()]
+        if self._has_prev:
+            self._stacks[1 - self._current].copy_(state["prev_grads"])
+        if momentum is not None and self._momentum.buffer is not None:
+            self._momentum.buffer.copy_(momentum)
+        self.arbitrator.load_state_dict(state["arbitrator"])
+        if self.per_loss_backward == "auto":
+            self._batched_ok = state.get("batched_backward")
+
+    @property
+    def backward_mode(self) -> str:
+        """How full mode currently gets per-loss gradients: ``batched`` or ``sequential``."""
+        return "sequential" if self._batched_ok is False else "batched"
+
+    def __repr__(self) -> str:
+        args = {
+            "model": type(self._module).__name__,
+            "loss_fns": self.loss_names,
+            "lambdas": self.lambdas,
+            "accumulation_steps": self.accumulation_steps,
+            "accumulation": self.accumulation,
+            "resolution": self.resolution,
+            "conflict_thresholds": self.conflict_thresholds,
+            "projection_max_iters": self.projection_max_iters,
+            "dominance_window": self.dominance_window,
+            "tie_breaking_weights": self.tie_breaking_weights,
+            "norm_ema_beta": self.norm_ema_beta,
+            "norm_cap": self.norm_cap,
+            "momentum_beta": self.momentum_beta,
+            "use_lion": self.use_lion,
+            "trust_ratio_coef": self.trust_ratio_coef,
+            "trust_ratio_clip": self.trust_ratio_clip,
+            "remap_power": self.remap_power,
+            "return_raw_grad": self.return_raw_grad,
+            "freeze_bn": self.freeze_bn,
+            "autocast_dtype": self.autocast_dtype,
+            "scaler": self.scaler,
+            "grad_dtype": self.grad_dtype,
+            "ddp_sync": self.ddp_sync,
+            "per_loss_backward": self.per_loss_backward,
+            "eps": self.eps,
+        }
+        return "GradientConductor(" + ", ".join(f"{k}={a!r}" for k, a in args.items()) + ")"
+
+    # ------------------------------------------------------------------ accumulation
+
+    def _accumulate_micro_batch(self, data_provider: DataProvider, index: int) -> None:
+        batch = data_provider()
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(
+                f"data_provider() must return (input, target), got {type(batch).__name__}"
+                f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}"
+            )
+        x, target = batch
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            output = _call(self._module, x)
+            losses = [self._loss(name, output, target) for name in self.loss_names]
+        values = torch.stack([loss.float() for loss in losses])  # (K,)
+        self._loss_sums += values.detach()
+        weighted = values * self._scales
+        if self.scaler is not None:
+            weighted = self.scaler.scale(weighted)
+        views = self._stack_views[self._current]
+        if self.accumulation == "stochastic":
+            k = index % len(self.loss_names)
+            self._add_grads(views[k], self._grads(weighted[k]))
+        elif len(self.loss_names) == 1:
+            self._add_grads(views[0], self._grads(weighted[0]))
+        else:
+            self._backward_full(weighted, views)
+
+    def _loss(self, name: str, output: Any, target: Any) -> torch.Tensor:
+        loss = self.loss_fns[name](output, target)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TypeError(f"loss_fns[{name!r}] must return a scalar tensor, got {shape}")
+        return loss
+
+    def _backward_scales(self) -> torch.Tensor:
+        """λ_k / (micro-batches that serve loss k), so each g_k is a λ-weighted mean."""
+        k, n = len(self.loss_names), self.accumulation_steps
+        scales = []
+        for j, name in enumerate(self.loss_names):
+            served = n if self.accumulation == "full" else len(range(j, n, k))
+            scales.append(self.lambdas[name] / served)
+        return torch.tensor(scales, dtype=torch.float32, device=self.device)
+
+    def _backward_full(self, weighted: torch.Tensor, views: list[list[torch.Tensor]]) -> None:
+        if self._batched_ok is not False:
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    grads = torch.autograd.grad(
+                        weighted,
+                        self._params,
+                        grad_outputs=self._eye,
+                        is_grads_batched=True,
+                        allow_unused=True,
+                        retain_graph=self._batched_ok is None,
+                    )
+            except RuntimeError:
+                if self._batched_ok:  # explicitly asked for batched: surface the error
+                    raise
+                self._batched_ok = False
+            else:
+                if self._batched_ok is None:
+                    # A missing batching rule makes PyTorch loop over the batch, slower than K
+                    # backwards; keep this micro-batch's (correct) result, switch for the rest.
+                    slow = any("batching rule" in str(w.message) for w in caught)
+                    self._batched_ok = not slow
+                for w in caught:
+                    if "batching rule" not in str(w.message):
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                self._add_grads(self._stack_batched_views[self._current], grads)
+                return
+        last = len(self.loss_names) - 1
+        for k in range(len(self.loss_names)):
+            self._add_grads(views[k], self._grads(weighted[k], retain=k < last))
+
+    def _grads(self, loss: torch.Tensor, retain: bool = False) -> tuple[torch.Tensor | None, ...]:
+        return torch.autograd.grad(loss, self._params, allow_unused=True, retain_graph=retain)
+
+    @staticmethod
+    def _add_grads(views: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> None:
+        pairs = [(a, g) for a, g in zip(views, grads, strict=True) if g is not None]
+        if pairs:
+            dst, src = zip(*pairs, strict=True)
+            torch._foreach_add_(list(dst), [g.to(dst[0].dtype) for g in src])
+
+    # ------------------------------------------------------------------ resolution and write
+
+    def _finish_step(self, acc: torch.Tensor) -> dict[str, float]:
+        k = len(self.loss_names)
+        prev = self._stacks[1 - self._current]
+        unscale = self._inverse_loss_scale()
+        if unscale is not None:
+            acc.mul_(unscale)
+        # The one host-device sync of the accumulation (§1.7): K×K Gram matrix, K loss sums and
+        # K dot products with last step's gradients travel together.
+        gram = (acc @ acc.T).float()
+        parts = [gram.flatten(), self._loss_sums]
+        if self._has_prev:
+            parts.append(torch.bmm(acc.unsqueeze(1), prev.unsqueeze(2)).flatten().float())
+        host = torch.cat(parts).to("cpu", torch.float64)
+        gram_h = host[: k * k].reshape(k, k)
+        loss_means = (host[k * k : k * k + k] / self.accumulation_steps).tolist()
+        prev_dots = host[k * k + k :].tolist() if self._has_prev else None
+
+        # Non-finite check (§1.5): a NaN/inf anywhere in g_k makes ‖g_k‖² NaN/inf. (A finite g_k
+        # whose squared norm overflows float32 counts as non-finite too.)
+        norms_sq = gram_h.diagonal().tolist()
+        bad = [not math.isfinite(x) for x in norms_sq]
+        stats = self._base_stats(loss_means, bad)
+        if any(bad):
+            self._write_skipped()
+            return stats
+
+        norms = [math.sqrt(max(x, 0.0)) for x in norms_sq]
+        prev_cos = None
+        if prev_dots is not None:
+            prev_cos = [
+                d / (n * pn) if n * pn > self.eps else 0.0
+                for d, n, pn in zip(prev_dots, norms, self._prev_norms, strict=True)
+            ]
+        self.arbitrator.observe(norms, prev_cos)
+        cos = cosine_matrix(gram_h, self.eps)
+        for i in range(k):
+            for j in range(i + 1, k):
+                stats[f"cos/{self.loss_names[i]}_vs_{self.loss_names[j]}"] = float(cos[i, j])
+        stats["min_cosine_sim"] = _min_pairwise(cos, norms, self.eps)
+        for name, n, ema in zip(self.loss_names, norms, self.arbitrator.norm_ema, strict=True):
+            stats[f"raw_norm/{name}"] = n
+            stats[f"norm_ema/{name}"] = float(ema if ema is not None else n)
+
+        scale = None
+        if self.norm_cap is not None:
+            scale = torch.tensor([min(1.0, self.norm_cap / n) if n > 0 else 1.0 for n in norms])
+        wins = dict.fromkeys(self.loss_names, 0)
+        dominance = 0
+
+        def arbitrate(i: int, j: int) -> int:
+            nonlocal dominance
+            winner, by_dominance = self.arbitrator.pick(i, j)
+            wins[self.loss_names[winner]] += 1
+            dominance += by_dominance
+            return winner
+
+        res = resolve_gram(
+            gram_h,
+            self.conflict_thresholds,
+            max_iters=self.projection_max_iters,
+            mode=self.resolution,
+            arbitrate=arbitrate,
+            remap_power=self.remap_power,
+            eps=self.eps,
+            scale=scale,
+        )
+        stats["proj_iters"] = float(res.iterations)
+        for zone in ZONES:
+            stats[f"conflicts/{zone}"] = float(res.zone_counts[zone])
+        for name in self.loss_names:
+            stats[f"wins/{name}"] = float(wins[name])
+        stats["dominance"] = float(dominance)
+
+        # Merge (§1.3 step 7): Σ_k resolved_k = Σ_k w_k g_k, one fused pass per loss over P.
+        weights = res.merge_weights.tolist()
+        update = self._update
+        torch.mul(acc[0], weights[0], out=update)
+        for j in range(1, k):
+            if weights[j] != 0.0:
+                update.add_(acc[j], alpha=weights[j])
+
+        self._step += 1
+        direction_is_g = self.return_raw_grad or (
+            self._momentum.buffer is None and not self.use_lion and self.trust_ratio_coef is None
+        )
+        if not self.return_raw_grad:
+            self._momentum.apply_(update, self._step)
+            if self.trust_ratio_coef is not None:
+                apply_trust_ratio_(
+                    self._update_views,
+                    self._params,
+                    self.trust_ratio_coef,
+                    self.trust_ratio_clip,
+                    self.eps,
+                )
+        if self.ddp_sync == "update" and _distributed():
+            dist.all_reduce(update)
+            update.div_(dist.get_world_size())
+            direction_is_g = False
+        if direction_is_g:
+            # ‖Σ w_k g_k‖² = wᵀ·Gram·w: exact, and no second sync.
+            w = res.merge_weights
+            stats["final_grad_norm"] = math.sqrt(max(float(w @ gram_h @ w), 0.0))
+        else:
+            stats["final_grad_norm"] = float(torch.linalg.vector_norm(update))  # sync
+        if self.scaler is not None:
+            # scaler.step() unscales p.grad: hand it a scaled update.
+            update.mul_(self.scaler.scale(torch.ones((), device=self.device)))
+        self._write_grads()
+
+        # This step's raw accumulators become next step's previous gradients (§1.3 step 10).
+        self._prev_norms = norms
+        self._has_prev = True
+        self._current = 1 - self._current
+        stats["step"] = float(self._step)
+        return stats
+
+    def _base_stats(self, loss_means: list[float], bad: list[bool]) -> dict[str, float]:
+        nan = math.nan
+        stats: dict[str, float] = {"final_grad_norm": nan, "min_cosine_sim": nan}
+        names = self.loss_names
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                stats[f"cos/{names[i]}_vs_{names[j]}"] = nan
+        stats["proj_iters"] = 0.0
+        for zone in ZONES:
+            stats[f"conflicts/{zone}"] = 0.0
+        for name in names:
+            stats[f"wins/{name}"] = 0.0
+        stats["dominance"] = 0.0
+        for name in names:
+            stats[f"raw_norm/{name}"] = nan
+            ema = self.arbitrator.norm_ema[names.index(name)]
+            stats[f"norm_ema/{name}"] = nan if ema is None else float(ema)
+        for name, value in zip(names, loss_means, strict=True):
+            stats[f"loss/{name}"] = value
+        stats["loss/total"] = sum(
+            self.lambdas[n] * x for n, x in zip(names, loss_means, strict=True)
+        )
+        for name, b in zip(names, bad, strict=True):
+            stats[f"nonfinite/{name}"] = float(b)
+        stats["skipped"] = float(any(bad))
+        stats["step"] = float(self._step)
+        if len(names) == 1:
+            stats["min_cosine_sim"] = 1.0
+        return stats
+
+    def _inverse_loss_scale(self) -> torch.Tensor | None:
+        if self.scaler is None or not self.scaler.is_enabled():
+            return None
+        return self.scaler.scale(torch.ones((), device=self.device)).reciprocal()
+
+    def _write_grads(self) -> None:
+        for p, view in zip(self._params, self._update_views, strict=True):
+            # A view into the flat update buffer when dtypes match: no copy.
+            p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
+
+    def _write_skipped(self) -> None:
+        """Leave the optimizer unable to change the weights (§1.5)."""
+        if self.scaler is not None and self.scaler.is_enabled():
+            # Non-finite grads: scaler.step() skips the step and update() backs off the scale.
+            self._update.fill_(math.inf)
+            self._write_grads()
+        else:
+            for p in self._params:
+                p.grad = None
+
+    # ------------------------------------------------------------------ helpers
+
+    def _views_of(self, stack: torch.Tensor) -> list[list[torch.Tensor]]:
+        return [_split(stack[k], self._numels, self._shapes) for k in range(stack.shape[0])]
+
+    @contextlib.contextmanager
+    def _frozen_batchnorm(self) -> Iterator[None]:
+        if not self.freeze_bn:
+            yield
+            return
+        bns = [m for m in self._module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        modes = [m.training for m in bns]
+        for m in bns:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip(bns, modes, strict=True):
+                m.train(mode)
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _call(module: nn.Module, x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return module(**x)
+    if isinstance(x, (tuple, list)):
+        return module(*x)
+    return module(x)
+
+
+def _common_dtype(params: list[torch.Tensor]) -> torch.dtype:
+    dtypes = {p.dtype for p in params}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _split(
+    flat: torch.Tensor, numels: list[int], shapes: list[tuple[int, ...]]
+) -> list[torch.Tensor]:
+    return [t.view(s) for t, s in zip(flat.split(numels), shapes, strict=True)]
+
+
+def _split_batched(
+    stack: torch.Tensor, numels: list[int], shapes: list[tuple[int, ...]]
+) -> list[torch.Tensor]:
+    """Per-parameter (K, *shape) views of a K×P stack, for batched gradients."""
+    k = stack.shape[0]
+    return [t.view(k, *s) for t, s in zip(stack.split(numels, dim=1), shapes, strict=True)]
+
+
+def _min_pairwise(cos: torch.Tensor, norms: list[float], eps: float) -> float:
+    k = cos.shape[0]
+    values = [
+        float(cos[i, j])
+        for i in range(k)
+        for j in range(i + 1, k)
+        if norms[i] >= eps and norms[j] >= eps
+    ]
+    return min(values) if values else 1.0
