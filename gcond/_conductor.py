@@ -413,8 +413,13 @@ class GradientConductor:
 
         # Non-finite check (§1.5): a NaN/inf anywhere in g_k makes ‖g_k‖² NaN/inf. (A finite g_k
         # whose squared norm overflows float32 counts as non-finite too.)
+        # In a batched backward a NaN from one loss reaches every row (0·NaN = NaN), so a loss is
+        # blamed by its own value first, and by its gradient only when every value is finite.
         norms_sq = gram_h.diagonal().tolist()
         bad = [not math.isfinite(x) for x in norms_sq]
+        bad_values = [not math.isfinite(x) for x in loss_means]
+        if any(bad) and any(bad_values):
+            bad = bad_values
         stats = self._base_stats(loss_means, bad)
         if any(bad):
             self._write_skipped()
