@@ -8,6 +8,7 @@ copied into another project on its own.
 
 from ._arbitrator import Arbitrator
 from ._conductor import GradientConductor
+from ._model_io import call_model, frozen_batchnorm
 from ._resolution import (
     Resolution,
     cosine_matrix,
@@ -22,7 +23,9 @@ __all__ = [
     "Arbitrator",
     "GradientConductor",
     "Resolution",
+    "call_model",
     "cosine_matrix",
+    "frozen_batchnorm",
     "most_conflicting_pair",
     "resolve",
     "resolve_gram",

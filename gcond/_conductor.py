@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 
 from . import _validation as v
 from ._arbitrator import Arbitrator
+from ._model_io import call_model, frozen_batchnorm
 from ._momentum import Momentum, apply_trust_ratio_
 from ._resolution import ZONES, cosine_matrix, resolve_gram
 
@@ -207,7 +207,7 @@ class GradientConductor:
         acc = self._stacks[self._current]
         acc.zero_()
         self._loss_sums.zero_()
-        with self._frozen_batchnorm():
+        with frozen_batchnorm(self._module, self.freeze_bn):
             for i in range(self.accumulation_steps):
                 self._accumulate_micro_batch(data_provider, i)
         if self.ddp_sync == "grads" and _distributed():
@@ -318,7 +318,7 @@ class GradientConductor:
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
-            output = _call(self._module, x)
+            output = call_model(self._module, x)
             losses = [self._loss(name, output, target) for name in self.loss_names]
         values = torch.stack([loss.float() for loss in losses])  # (K,)
         self._loss_sums += values.detach()
@@ -571,21 +571,6 @@ class GradientConductor:
     def _views_of(self, stack: torch.Tensor) -> list[list[torch.Tensor]]:
         return [_split(stack[k], self._numels, self._shapes) for k in range(stack.shape[0])]
 
-    @contextlib.contextmanager
-    def _frozen_batchnorm(self) -> Iterator[None]:
-        if not self.freeze_bn:
-            yield
-            return
-        bns = [m for m in self._module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        modes = [m.training for m in bns]
-        for m in bns:
-            m.eval()
-        try:
-            yield
-        finally:
-            for m, mode in zip(bns, modes, strict=True):
-                m.train(mode)
-
 
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
@@ -593,14 +578,6 @@ def _is_ddp(model: nn.Module) -> bool:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _call(module: nn.Module, x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return module(**x)
-    if isinstance(x, (tuple, list)):
-        return module(*x)
-    return module(x)
 
 
 def _common_dtype(params: list[torch.Tensor]) -> torch.dtype:

@@ -226,9 +226,7 @@ def test_norm_cap_rescales_before_resolution_but_reports_raw():
 
 def test_loss_statistics_are_unweighted_means_and_total_is_weighted():
     model = Theta([1.0, 2.0])
-    cond = GradientConductor(
-        model, {"a": data_dot, "b": dot([1.0, 0.0])}, {"a": 0.5, "b": 2.0}, 2
-    )
+    cond = GradientConductor(model, {"a": data_dot, "b": dot([1.0, 0.0])}, {"a": 0.5, "b": 2.0}, 2)
     stats = cond.step(series_provider([[1.0, 0.0], [0.0, 1.0]]))
     # loss a: ⟨(1,0),θ⟩=1, ⟨(0,1),θ⟩=2 → mean 1.5; loss b: θ_0 = 1 on both.
     assert stats["loss/a"] == pytest.approx(1.5) and stats["loss/b"] == pytest.approx(1.0)
@@ -607,7 +605,7 @@ def test_state_dict_round_trip_is_bit_identical():
 
 
 def test_load_state_dict_refuses_other_losses_and_shapes():
-    model, cond, _ = make_stateful()
+    _, cond, _ = make_stateful()
     state = cond.state_dict()
     other = GradientConductor(SmallNet(), {"mse": mse, "ssim": l1}, {"mse": 1.0, "ssim": 1.0}, 2)
     with pytest.raises(ValueError, match=r"losses \['mse', 'l1'\].*\['mse', 'ssim'\]"):
@@ -690,7 +688,9 @@ def test_model_without_trainable_parameters_is_refused():
 
 
 def test_non_scalar_loss_is_named():
-    cond = GradientConductor(SmallNet(), {"per_sample": lambda o, t: (o - t).abs()}, {"per_sample": 1.0}, 1)
+    cond = GradientConductor(
+        SmallNet(), {"per_sample": lambda o, t: (o - t).abs()}, {"per_sample": 1.0}, 1
+    )
     data = iter(batches(1))
     with pytest.raises(TypeError, match="per_sample"):
         cond.step(lambda: next(data))

@@ -1,0 +1,426 @@
+"""The training loop of ``gcond train``: one recipe, one method, one run directory.
+
+``Trainer`` builds everything a recipe names (data on the device, model, losses, method,
+optimizer, schedule, logger) and runs the loop. The loop does not know which method it runs and
+has no ``print``: everything reaches the user through the ``RunLogger``. One path serves fp32,
+bf16 and fp16: autocast is off unless a low precision is asked for, and the GradScaler is
+disabled unless fp16.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import signal
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gcond import call_model
+from gcond_cli import distributed
+from gcond_cli.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    checkpoint_paths,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from gcond_cli.data import DeviceDataProvider, build_datasets, build_val_batches
+from gcond_cli.logger import RunLogger
+from gcond_cli.losses import build_loss, eval_metrics
+from gcond_cli.methods import build_method
+from gcond_cli.models import build_model
+from gcond_cli.recipe import Recipe, RecipeError, dump_recipe_yaml, load_recipe, recipe_to_dict
+
+RECIPE_FILE = "recipe.yaml"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """A problem with the user's request (exit code 2), not with training."""
+
+
+class TrainingStopped(Exception):
+    """The run stopped on purpose (too many skipped steps); a checkpoint was written."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device: {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a GradScaler is needed)."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[
+        name
+    ]
+
+
+def warmup_cosine(max_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warm-up, then cosine decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
+
+    return factor
+
+
+def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+
+
+def new_run_dir(recipe: Recipe, run_name: str | None) -> Path:
+    name = run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(recipe.log.runs_dir) / str(recipe.name) / name
+    if run_dir.exists():
+        raise UsageError(
+            f"run directory {run_dir} already exists: choose another --run-name, "
+            f"or continue it with --resume {run_dir}"
+        )
+    return run_dir
+
+
+class Trainer:
+    """Everything one run needs, built from a recipe; ``run()`` trains to ``max_steps``."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, *, console: bool = True) -> None:
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.dist = distributed.context()
+        self.device = resolve_device(recipe.device)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        autocast_dtype, needs_scaler = resolve_precision(recipe.precision, self.device)
+        self.autocast_dtype = autocast_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
+        torch.manual_seed(recipe.seed)
+
+        train_set, val_set = build_datasets(recipe.data, recipe.seed)
+        self.provider = DeviceDataProvider(
+            train_set,
+            recipe.data,
+            self.device,
+            recipe.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.val_batches = build_val_batches(
+            val_set, recipe.data, self.device, recipe.seed, recipe.eval.batch_size
+        )
+        self.model = build_model(recipe.model, recipe.data).to(self.device)
+        self.wrapped = distributed.wrap(self.model, self.dist)
+        self.loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
+        lambdas = {n: c.weight for n, c in recipe.losses.items()}
+        self.method = build_method(
+            recipe.conductor,
+            self.wrapped,
+            self.loss_fns,
+            lambdas,
+            autocast_dtype=autocast_dtype,
+            scaler=self.scaler if needs_scaler else None,
+        )
+        self.optimizer = build_optimizer(recipe.optimizer, self.model)
+        s = recipe.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(s.max_steps, s.warmup_steps, s.min_lr_ratio)
+        )
+        self.step = 0
+        self.consecutive_skipped = 0
+        self.best: float | None = None
+        self.elapsed = 0.0  # training seconds across resumes
+        self.samples_per_step = (
+            recipe.data.micro_batch_size * recipe.conductor.accumulation_steps
+            * self.dist.world_size
+        )  # fmt: skip
+        is_main = self.dist.rank == 0
+        self.logger = RunLogger(
+            run_dir if is_main else None,
+            recipe_to_dict(recipe),
+            s.max_steps,
+            console=console and is_main,
+            tensorboard=recipe.log.tensorboard,
+        )
+        self.stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "method": self.method.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng_state(),
+            "data": self.provider.state_dict(),
+            "consecutive_skipped": self.consecutive_skipped,
+            "best": self.best,
+            "elapsed": self.elapsed,
+        }
+
+    def save(self, *, best: bool = False) -> None:
+        """Rank 0 writes; the others wait so that no rank runs ahead of a checkpoint."""
+        if self.dist.rank == 0:
+            paths = checkpoint_paths(self.run_dir)
+            paths.latest.parent.mkdir(parents=True, exist_ok=True)
+            payload = self.checkpoint_payload()
+            save_checkpoint(paths.latest, payload)
+            if best:
+                save_checkpoint(paths.best, payload)
+        distributed.barrier(self.dist)
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.method.load_state_dict(payload["method"])
+        self.scaler.load_state_dict(payload["scaler"])
+        restore_rng_state(payload["rng"])
+        self.provider.load_state_dict(payload["data"])
+        self.step = int(payload["step"])
+        self.consecutive_skipped = int(payload["consecutive_skipped"])
+        self.best = payload["best"]
+        self.elapsed = float(payload["elapsed"])
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Metrics over the fixed validation set, and image grids of its first batch."""
+        self.model.eval()
+        totals: dict[str, torch.Tensor] = {}
+        images: dict[str, torch.Tensor] = {}
+        try:
+            for x, target in self.val_batches:
+                with self._autocast():
+                    output = call_model(self.model, x)
+                for key, value in eval_metrics(output, target).items():
+                    totals[key] = totals.get(key, 0) + value
+                if not images:
+                    k = self.recipe.eval.num_images
+                    image, mask = target["image"][:k], target["mask"][:k]
+                    images = {
+                        "input": image,
+                        "masked": image * (1 - mask) + 0.5 * mask,
+                        "reconstruction": output["recon"][:k].float().clamp(0, 1),
+                    }
+        finally:
+            self.model.train()
+        count = totals.pop("count")
+        host = (torch.stack(list(totals.values())) / count).tolist()  # one sync per eval
+        return {f"eval/{k}": v for k, v in zip(totals, host, strict=True)}, images
+
+    def _improved(self, metrics: dict[str, float]) -> bool:
+        cfg = self.recipe.checkpoint
+        value = metrics.get(cfg.best_metric)
+        if not cfg.keep_best or value is None or not math.isfinite(value):
+            return False
+        better = self.best is None or (
+            value > self.best if cfg.best_mode == "max" else value < self.best
+        )
+        if better:
+            self.best = value
+        return better
+
+    # ------------------------------------------------------------------ the loop
+
+    def _autocast(self):
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.method.step(self.provider)
+        if self.recipe.clip_grad_norm is not None and not stats["skipped"]:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.clip_grad_norm)
+        self.scaler.step(self.optimizer)  # a plain optimizer.step() unless fp16
+        self.scaler.update()
+        self.scheduler.step()
+        return stats
+
+    def run(self) -> int:
+        r = self.recipe
+        self.logger.start(self.step)
+        with _stop_on_signals(self):
+            while self.step < r.schedule.max_steps:
+                lr = self.optimizer.param_groups[0]["lr"]
+                started = time.perf_counter()
+                stats = self.train_step()
+                seconds = time.perf_counter() - started
+                self.elapsed += seconds
+                self.step += 1
+                self._count_skips(stats)
+                if self.step % r.log.every == 0 or self.step == r.schedule.max_steps:
+                    self.logger.log_step(self.step, stats, lr, self.samples_per_step / seconds)
+                last = self.step == r.schedule.max_steps
+                best = False
+                if self.step % r.eval.every == 0 or last:
+                    metrics, images = self.evaluate()
+                    best = self._improved(metrics)
+                    self.logger.log_eval(self.step, metrics, images)
+                if self.step % r.checkpoint.every == 0 or last or best:
+                    self.save(best=best)
+                if self.stop_signal is not None:
+                    self.save()
+                    name = signal.Signals(self.stop_signal).name
+                    self.logger.warn(
+                        f"stopped by {name} after step {self.step}; checkpoint written. "
+                        f"Continue with: gcond train {r.name} --resume {self.run_dir}"
+                    )
+                    return EXIT_INTERRUPTED
+        return EXIT_OK
+
+    def _count_skips(self, stats: dict[str, float]) -> None:
+        if not stats["skipped"]:
+            self.consecutive_skipped = 0
+            return
+        self.consecutive_skipped += 1
+        culprits = [
+            k.split("/", 1)[1] for k, v in stats.items() if k.startswith("nonfinite/") and v
+        ]
+        self.logger.warn(
+            f"step {self.step} skipped: non-finite gradients"
+            + (f" from {', '.join(culprits)}" if culprits else "")
+            + f" ({self.consecutive_skipped} in a row)"
+        )
+        if self.consecutive_skipped >= self.recipe.max_skipped_steps:
+            self.save()
+            raise TrainingStopped(
+                f"{self.consecutive_skipped} consecutive steps had non-finite gradients "
+                f"(max_skipped_steps = {self.recipe.max_skipped_steps}); stopped at step "
+                f"{self.step} with a checkpoint. Lower optimizer.lr, set clip_grad_norm or "
+                "precision: fp32, then --resume."
+            )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "method": self.recipe.conductor.method,
+            "steps": self.step,
+            "train_seconds": self.elapsed,
+            "seconds_per_step": self.elapsed / max(self.step, 1),
+            "best": {self.recipe.checkpoint.best_metric: self.best},
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
+        }
+
+
+@contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second SIGINT aborts)."""
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+
+    previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _resume_recipe(run_dir: Path, given: Recipe) -> Recipe:
+    saved_path = run_dir / RECIPE_FILE
+    if not saved_path.is_file():
+        raise UsageError(
+            f"--resume {run_dir}: no {RECIPE_FILE} there; is it a gcond run directory?"
+        )
+    try:
+        saved = load_recipe(saved_path)
+    except RecipeError as exc:
+        raise UsageError(f"--resume {run_dir}: its {RECIPE_FILE} is invalid:\n{exc}") from None
+    saved.name = given.name if saved.name is None else saved.name
+    return saved
+
+
+def run_train(
+    recipe: Recipe, *, recipe_path: Path, run_name: str | None, resume: Path | None
+) -> int:
+    """``gcond train``: returns the exit code (0 done, 1 failed, 2 bad request, 130 stopped)."""
+    ctx = distributed.context()
+    console = RunLogger(None, {}, 0, console=ctx.rank == 0, tensorboard=False)
+    try:
+        distributed.init(ctx)
+        if resume is not None:
+            run_dir = Path(resume)
+            recipe = _resume_recipe(run_dir, recipe)
+            payload = load_checkpoint(checkpoint_paths(run_dir).latest)
+        else:
+            run_dir = distributed.broadcast_object(new_run_dir(recipe, run_name), ctx)
+            payload = None
+        trainer = Trainer(recipe, run_dir)
+    except (UsageError, CheckpointError, RecipeError, ValueError) as exc:
+        console.start()
+        console.error(str(exc))
+        distributed.shutdown(ctx)
+        return EXIT_USAGE
+    logger = trainer.logger
+    if payload is not None:
+        trainer.restore(payload)
+        logger_msg = f"resuming {run_dir} at step {trainer.step}"
+    else:
+        if ctx.rank == 0:
+            run_dir.mkdir(parents=True)
+            (run_dir / RECIPE_FILE).write_text(dump_recipe_yaml(recipe))
+        logger_msg = f"run directory: {run_dir}"
+    code = EXIT_FAILED
+    summary = None
+    try:
+        logger.start(trainer.step)
+        logger.info(f"recipe {recipe_path}:\n{dump_recipe_yaml(recipe)}")
+        logger.info(logger_msg)
+        code = trainer.run()
+        summary = trainer.summary()
+        if code == EXIT_OK:
+            logger.info(f"done: {trainer.step} steps in {trainer.elapsed:.1f} s; {run_dir}")
+    except TrainingStopped as exc:
+        logger.error(str(exc))
+    except CheckpointError as exc:
+        logger.error(str(exc))
+    except Exception as exc:  # a training failure: say where, keep the traceback in the run dir
+        where = f"step {trainer.step + 1}"
+        logger.error(f"training failed at {where}: {type(exc).__name__}: {exc}")
+        if ctx.rank == 0 and run_dir.exists():
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            logger.error(f"traceback written to {run_dir / 'error.log'}")
+        distributed.abort(ctx)
+    finally:
+        logger.close(summary if code == EXIT_OK else None)
+        distributed.shutdown(ctx)
+    return code
