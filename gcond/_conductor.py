@@ -60,6 +60,7 @@ class GradientConductor:
         grad_dtype: torch.dtype = torch.float32,
         ddp_sync: str = "grads",
         per_loss_backward: str = "auto",
+        aggregator: Callable[[torch.Tensor], torch.Tensor] | None = None,
         eps: float = 1e-8,
     ) -> None:
         v.check_type("model", model, nn.Module, "a torch.nn.Module")
@@ -120,6 +121,8 @@ class GradientConductor:
         v.check_choice("grad_dtype", grad_dtype, _GRAD_DTYPES)
         v.check_choice("ddp_sync", ddp_sync, ("grads", "update", "none"))
         v.check_choice("per_loss_backward", per_loss_backward, ("auto", "batched", "sequential"))
+        if aggregator is not None and not callable(aggregator):
+            raise TypeError(f"aggregator must be callable, got {aggregator!r}")
         v.check_real("eps", eps, low=0.0, low_open=True)
 
         self.model = model
@@ -150,6 +153,7 @@ class GradientConductor:
         self.grad_dtype = grad_dtype
         self.ddp_sync = ddp_sync
         self.per_loss_backward = per_loss_backward
+        self.aggregator = aggregator
         self.eps = float(eps)
 
         self._params = [p for p in self._module.parameters() if p.requires_grad]
@@ -299,6 +303,7 @@ class GradientConductor:
             "grad_dtype": self.grad_dtype,
             "ddp_sync": self.ddp_sync,
             "per_loss_backward": self.per_loss_backward,
+            "aggregator": self.aggregator,
             "eps": self.eps,
         }
         return "GradientConductor(" + ", ".join(f"{k}={a!r}" for k, a in args.items()) + ")"
@@ -455,6 +460,8 @@ class GradientConductor:
             dominance += by_dominance
             return winner
 
+        if self.aggregator is not None:
+            return self._finish_aggregated(acc, norms, scale, stats)
         res = resolve_gram(
             gram_h,
             self.conflict_thresholds,
@@ -480,6 +487,35 @@ class GradientConductor:
             if weights[j] != 0.0:
                 update.add_(acc[j], alpha=weights[j])
 
+        w = res.merge_weights
+        analytic_norm = math.sqrt(max(float(w @ gram_h @ w), 0.0))
+        return self._write_update(stats, norms, analytic_norm)
+
+    def _finish_aggregated(
+        self,
+        acc: torch.Tensor,
+        norms: list[float],
+        scale: torch.Tensor | None,
+        stats: dict[str, float],
+    ) -> dict[str, float]:
+        """``aggregator`` in place of resolution and merge (steps 5-7): e.g. a TorchJD method fed
+        the same accumulated per-loss gradients."""
+        stack = acc if scale is None else acc * scale.to(acc)[:, None]
+        merged = self.aggregator(stack.float())
+        if merged.shape != (self.num_params,):
+            raise ValueError(
+                f"aggregator must return a vector of {self.num_params} elements, "
+                f"got shape {tuple(merged.shape)}"
+            )
+        self._update.copy_(merged)
+        return self._write_update(stats, norms, None)
+
+    def _write_update(
+        self, stats: dict[str, float], norms: list[float], analytic_norm: float | None
+    ) -> dict[str, float]:
+        """Momentum, trust ratio and write-back of the merged gradient in ``self._update``
+        (steps 8-10). ``analytic_norm`` is ‖g‖ when known without reading the device."""
+        update = self._update
         self._step += 1
         direction_is_g = self.return_raw_grad or (
             self._momentum.buffer is None and not self.use_lion and self.trust_ratio_coef is None
@@ -498,10 +534,9 @@ class GradientConductor:
             dist.all_reduce(update)
             update.div_(dist.get_world_size())
             direction_is_g = False
-        if direction_is_g:
+        if direction_is_g and analytic_norm is not None:
             # ‖Σ w_k g_k‖² = wᵀ·Gram·w: exact, and no second sync.
-            w = res.merge_weights
-            stats["final_grad_norm"] = math.sqrt(max(float(w @ gram_h @ w), 0.0))
+            stats["final_grad_norm"] = analytic_norm
         else:
             stats["final_grad_norm"] = float(torch.linalg.vector_norm(update))  # sync
         if self.scaler is not None:
