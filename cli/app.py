@@ -115,6 +115,184 @@ def train(
 
 
 @app.command()
+def compare(
+    recipe: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="RECIPE",
+            help="Recipe YAML file or bundled recipe name (optional with --resume).",
+            show_default=False,
+        ),
+    ] = None,
+    overrides: OverridesArg = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            metavar="M1,M2",
+            help="Methods to compare: conductor, conductor-stochastic, sum, and with TorchJD "
+            "pcgrad, upgrad, mgda, cagrad (default: conductor,sum).",
+            show_default=False,
+        ),
+    ] = None,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--seeds",
+            metavar="N",
+            help="Repeat every method with N seeds: the recipe's seed, +1, ... (default: 1).",
+            show_default=False,
+        ),
+    ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            metavar="NAME:KEY=VALUE,...",
+            help="Add a named variant of the recipe (repeatable), e.g. "
+            "seed-momentum:conductor.momentum_beta=0.9,optimizer.betas=[0.0,0.95]",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            metavar="NAME",
+            help="The comparison's directory is runs/<recipe>/compare-NAME; default: the time.",
+            callback=_check_run_name,
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            metavar="COMPARE_DIR",
+            help="Continue a comparison: finished runs are kept, an interrupted one continues "
+            "from its checkpoint.",
+            exists=True,
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No per-step lines, only the results.")
+    ] = False,
+) -> None:
+    """Train the same recipe with several methods (same seeds, data and steps) and compare them.
+
+    Prints eval L1 / SSIM / PSNR (mean ± std over seeds), time per step against `sum` and how
+    often the losses conflicted; writes summary.json and report.md to the comparison's
+    directory, where `tensorboard --logdir DIR` overlays every run.
+    """
+    loaded, path = _load(recipe, overrides) if recipe is not None else (None, None)
+    from gcond_cli.compare import run_compare  # imports torch: only once the recipe is known good
+
+    code = run_compare(
+        loaded,
+        path,
+        overrides=overrides or (),
+        methods=methods,
+        seeds=seeds,
+        variants=variant or (),
+        name=name,
+        resume=resume,
+        quiet=quiet,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def bench(
+    recipe: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="RECIPE",
+            help="Recipe to measure (its data replaced by synthetic images); default: a "
+            "built-in workload, see --workload.",
+            show_default=False,
+        ),
+    ] = None,
+    overrides: OverridesArg = None,
+    workload: Annotated[
+        str | None,
+        typer.Option(
+            "--workload",
+            "-w",
+            metavar="NAME",
+            help="Built-in workload: vit_mae_224, conv_mobilenet_128, conv_convnext_128, tiny. "
+            "(default: vit_mae_224 on CUDA, tiny otherwise)",
+            show_default=False,
+        ),
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            metavar="M1,M2",
+            help="Methods to measure (default: every method that can run here); sum always runs.",
+            show_default=False,
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed optimizer steps.")] = 10,
+    warmup: Annotated[
+        int, typer.Option("--warmup", min=0, help="Untimed optimizer steps first.")
+    ] = 3,
+    accumulation_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--accumulation-steps",
+            "-n",
+            min=1,
+            help="Micro-batches per step (N).",
+            show_default=False,
+        ),
+    ] = None,
+    losses: Annotated[
+        int | None,
+        typer.Option("--losses", "-k", min=1, help="Number of losses (K).", show_default=False),
+    ] = None,
+    dim: Annotated[
+        int | None,
+        typer.Option("--dim", min=1, help="mae_vit width (parameters P).", show_default=False),
+    ] = None,
+    depth: Annotated[
+        int | None,
+        typer.Option("--depth", min=1, help="mae_vit depth (parameters P).", show_default=False),
+    ] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--json", metavar="PATH", help="Also write the results as JSON.", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Time and memory of each method per optimizer step, as ratios to plain accumulation (sum).
+
+    Same model, data and settings for every method, in one process; the step is split into
+    accumulation (forwards and backwards) and resolution + momentum + write-back.
+    """
+    from gcond_cli.bench import run_bench  # imports torch
+
+    raise typer.Exit(
+        run_bench(
+            recipe,
+            overrides or (),
+            workload=workload,
+            methods=methods,
+            steps=steps,
+            warmup=warmup,
+            accumulation_steps=accumulation_steps,
+            losses=losses,
+            dim=dim,
+            depth=depth,
+            json_path=json_path,
+        )
+    )
+
+
+@app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe (with overrides) without training; print it resolved, every default filled in.
 

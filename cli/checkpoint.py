@@ -57,6 +57,10 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A process killed while writing leaves its temporary file behind (a checkpoint's worth of
+    # disk): remove such leftovers first, so they neither pile up nor fill the disk.
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

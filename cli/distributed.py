@@ -1,11 +1,16 @@
 """torch.distributed plumbing for runs launched with ``torchrun`` (one process per GPU).
 
 Outside torchrun every function here is a no-op, so the training loop has one code path.
+Whatever decides the control flow (the run directory, stopping on a signal) is decided once and
+shared, so that every rank takes the same branch and meets the others in the same collectives.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,13 +41,15 @@ def context() -> DistContext:
     )
 
 
-def init(ctx: DistContext) -> None:
-    """Join the process group (NCCL on CUDA, gloo on CPU) once per process."""
+def init(ctx: DistContext, device_type: str) -> None:
+    """Join the process group once per process: NCCL when training on CUDA (one GPU per local
+    rank), gloo on the CPU. The choice follows the recipe's device, not what the machine has."""
     if not ctx.active or dist.is_initialized():
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", ctx.local_rank))
+    if device_type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
 
@@ -61,7 +68,7 @@ def barrier(ctx: DistContext) -> None:
 
 
 def broadcast_object(obj: T, ctx: DistContext) -> T:
-    """Rank 0's value on every rank (e.g. the run directory name chosen from the clock)."""
+    """Rank 0's value on every rank."""
     if not ctx.active or not dist.is_initialized():
         return obj
     box: list[Any] = [obj]
@@ -69,11 +76,53 @@ def broadcast_object(obj: T, ctx: DistContext) -> T:
     return box[0]
 
 
-def abort(ctx: DistContext) -> None:
-    """A failure on one rank must end all ranks rather than leave them hanging in a collective."""
+def from_rank0(fn: Callable[[], T], ctx: DistContext) -> T:
+    """``fn()`` evaluated on rank 0 alone; its value, or the exception it raised, on every rank
+    (e.g. the run directory: named from the clock and checked against the disk once)."""
+    if not ctx.active or not dist.is_initialized():
+        return fn()
+    outcome: tuple[Any, Exception | None] = (None, None)
+    if ctx.rank == 0:
+        try:
+            outcome = (fn(), None)
+        except Exception as exc:
+            outcome = (None, exc)
+    value, error = broadcast_object(outcome, ctx)
+    if error is not None:
+        raise error
+    return value
+
+
+def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any of them (a signal may reach one rank, or
+    reach the ranks on either side of a step). One-element all-reduce: a host sync."""
+    if not ctx.active or not dist.is_initialized():
+        return flag
+    vote = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
+
+
+def report_error(ctx: DistContext, message: str) -> None:
+    """A failure on a rank other than 0, which prints nothing else: the message, tagged with the
+    rank, and the traceback go to stderr (torchrun shows every rank's stderr)."""
+    if ctx.rank == 0:
+        return
+    print(f"error: [rank {ctx.rank}] {message}", file=sys.stderr, flush=True)
+    traceback.print_exc(file=sys.stderr)
+
+
+def abort(ctx: DistContext, exit_code: int = 1) -> None:
+    """After a failure, end this process at once when other ranks may be waiting for it.
+
+    A rank blocked in a collective learns of the exit from its closed connections (gloo) or from
+    torchrun, which stops the remaining workers when one fails. A regular exit could instead
+    hang in the process group's teardown.
+    """
     if ctx.active and dist.is_initialized():
-        dist.destroy_process_group()
-        os._exit(1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -3,7 +3,8 @@
 The training loop calls ``method.step(data_provider)`` and gets a flat ``dict[str, float]`` of
 statistics; it never knows which method runs. ``conductor`` / ``conductor-stochastic`` are
 :class:`gcond.GradientConductor`; ``sum`` is plain gradient accumulation of ``Σ λ_k L_k``, the
-baseline every user has today.
+baseline every user has today; ``pcgrad``, ``upgrad``, ``mgda`` and ``cagrad`` are TorchJD's
+aggregators fed the conductor's per-loss gradients, accumulated over the same micro-batches.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from gcond import GradientConductor, call_model, frozen_batchnorm
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCHJD_METHODS = ("pcgrad", "upgrad", "mgda", "cagrad")
+METHODS = ("conductor", "conductor-stochastic", "sum", *TORCHJD_METHODS)
+CAGRAD_C = 0.4  # the CAGrad paper's multi-task setting
+
+
+class MethodUnavailable(ValueError):
+    """A method whose optional dependency is not installed; the message says what to install."""
 
 
 class Method(Protocol):
@@ -56,12 +64,20 @@ def build_method(
             autocast_dtype=autocast_dtype,
             scaler=scaler,
         )
-    if name in ("conductor", "conductor-stochastic"):
-        return GradientConductor(
+    if name in ("conductor", "conductor-stochastic", *TORCHJD_METHODS):
+        # TorchJD methods share the conductor's accumulation, momentum and write-back; their
+        # aggregator replaces resolution + merge (the resolution settings are then unused).
+        conductor: type[GradientConductor] = GradientConductor
+        extra: dict[str, Any] = {}
+        if name in TORCHJD_METHODS:
+            conductor = TorchJDConductor
+            extra = {"aggregator": TorchJDAggregation(torchjd_aggregator(name))}
+        return conductor(
             model,
             loss_fns,
             lambdas,
             cfg.accumulation_steps,
+            **extra,
             accumulation="stochastic" if name == "conductor-stochastic" else cfg.accumulation,
             resolution=cfg.resolution,
             conflict_thresholds=tuple(cfg.conflict_thresholds),
@@ -83,7 +99,76 @@ def build_method(
             ddp_sync=cfg.ddp_sync,
             eps=cfg.eps,
         )
-    raise ValueError(f"conductor.method: unknown method {name!r}")
+    raise ValueError(f"conductor.method: unknown method {name!r}; expected one of {METHODS}")
+
+
+def torchjd_aggregator(name: str) -> Any:
+    """TorchJD's aggregator for ``name`` (one of :data:`TORCHJD_METHODS`), or MethodUnavailable
+    naming the package to install."""
+    try:
+        from torchjd import aggregation
+    except ImportError:
+        raise MethodUnavailable(
+            f"method {name!r} needs TorchJD: pip install 'gcond[torchjd]'"
+        ) from None
+    builders = {
+        "pcgrad": aggregation.PCGrad,
+        "upgrad": aggregation.UPGrad,
+        "mgda": aggregation.MGDA,
+        "cagrad": lambda: aggregation.CAGrad(c=CAGRAD_C),
+    }
+    try:
+        return builders[name]()
+    except ImportError as exc:  # the aggregator's own solver extra (quadprog, cvxpy)
+        raise MethodUnavailable(f"method {name!r} is not available here: {exc}") from None
+
+
+def method_unavailable(name: str) -> str | None:
+    """Why ``name`` cannot run here (a missing optional dependency), or None if it can."""
+    if name not in TORCHJD_METHODS:
+        return None
+    try:
+        torchjd_aggregator(name)
+    except MethodUnavailable as exc:
+        return str(exc)
+    return None
+
+
+class TorchJDAggregation:
+    """A TorchJD aggregator as the conductor's ``aggregator``: K×P stack -> P vector.
+
+    It draws from its own CPU random stream (PCGrad shuffles the losses), seeded from the
+    process's torch seed, so the run's global stream, and everything else that draws from it,
+    stays as it is under the other methods.
+    """
+
+    def __init__(self, aggregator: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.aggregator = aggregator
+        self.rng_state = torch.Generator().manual_seed(torch.initial_seed()).get_state()
+
+    def __call__(self, stack: torch.Tensor) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng_state)
+            merged = self.aggregator(stack)
+            self.rng_state = torch.get_rng_state()
+        return merged
+
+    def __repr__(self) -> str:
+        return f"TorchJDAggregation({self.aggregator!r})"
+
+
+class TorchJDConductor(GradientConductor):
+    """A GradientConductor whose resolution + merge is a TorchJD aggregator; its state holds the
+    aggregator's random stream too, so a resumed run continues it."""
+
+    aggregator: TorchJDAggregation
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "aggregator_rng": self.aggregator.rng_state.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.aggregator.rng_state = state["aggregator_rng"].clone()
 
 
 class SumMethod:

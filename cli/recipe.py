@@ -11,6 +11,7 @@ other errors of their section; rules between fields (`_issues`) run once the fie
 are valid.
 """
 
+import copy
 import difflib
 import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -201,7 +202,10 @@ class LossConfig(_Section):
 class ConductorConfig(_Section):
     """`method` plus every GradientConductor parameter, with the library's names and defaults."""
 
-    method: Literal["conductor", "conductor-stochastic", "sum"] = "conductor"
+    # sum: plain accumulation; pcgrad, upgrad, mgda, cagrad: TorchJD (pip install 'gcond[torchjd]')
+    method: Literal[
+        "conductor", "conductor-stochastic", "sum", "pcgrad", "upgrad", "mgda", "cagrad"
+    ] = "conductor"
     accumulation_steps: Size = 8
     accumulation: Literal["full", "stochastic"] = "full"
     resolution: Literal["zones", "smooth"] = "zones"
@@ -648,19 +652,28 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """
     path = resolve_recipe_path(path)
     raw = _read_mapping(path)
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, overrides, source=path)
+
+
+def recipe_from_dict(
+    raw: Mapping[str, Any], overrides: Sequence[str] = (), source: Path | None = None
+) -> Recipe:
+    """Override and validate a recipe given as a (nested) dict, e.g. a built-in bench workload;
+    errors as in `load_recipe`. `raw` itself is left unchanged."""
+    raw = copy.deepcopy(dict(raw))
     errors, sources = [], {}
     for text in overrides:
         try:
             sources[_apply_override(raw, text)] = text
         except ValueError as exc:
             errors.append(f"override '{text}': {exc}")
-    raw.setdefault("name", path.stem)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         errors += validation_errors(exc, sources)
     if errors:
-        raise RecipeError(errors, source=path)
+        raise RecipeError(errors, source=source)
     return recipe
 
 

@@ -16,6 +16,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ class UsageError(Exception):
 
 class TrainingStopped(Exception):
     """The run stopped on purpose (too many skipped steps); a checkpoint was written."""
+
+
+class DataProviderError(Exception):
+    """The data provider raised; the message names it (the loop adds the step)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +120,13 @@ class Trainer:
         self.recipe = recipe
         self.run_dir = run_dir
         self.dist = distributed.context()
+        sync = recipe.conductor.ddp_sync
+        if self.dist.active and sync == "none" and recipe.conductor.method != "sum":
+            raise UsageError(
+                "conductor.ddp_sync: 'none' leaves synchronising the processes to the training "
+                "loop, and gcond train does not do it; use 'grads' (the default) or 'update' "
+                f"when training with {self.dist.world_size} processes"
+            )
         self.device = resolve_device(recipe.device)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -193,9 +205,12 @@ class Trainer:
             paths = checkpoint_paths(self.run_dir)
             paths.latest.parent.mkdir(parents=True, exist_ok=True)
             payload = self.checkpoint_payload()
-            save_checkpoint(paths.latest, payload)
+            # best.pt first: a run killed between the two writes resumes from the previous
+            # latest.pt, re-runs this eval and rewrites best.pt. The other order would leave a
+            # latest.pt that records this best and a best.pt that never receives it.
             if best:
                 save_checkpoint(paths.best, payload)
+            save_checkpoint(paths.latest, payload)
         distributed.barrier(self.dist)
 
     def restore(self, payload: dict[str, Any]) -> None:
@@ -260,9 +275,19 @@ class Trainer:
             enabled=self.autocast_dtype is not None,
         )
 
+    def _next_batch(self) -> Any:
+        """One micro-batch; a failure names the provider (a bare I/O error would not)."""
+        try:
+            return self.provider()
+        except Exception as exc:
+            raise DataProviderError(
+                f"the data provider {type(self.provider).__name__} "
+                f"(data.dataset: {self.recipe.data.dataset}) raised {type(exc).__name__}: {exc}"
+            ) from exc
+
     def train_step(self) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self.method.step(self.provider)
+        stats = self.method.step(self._next_batch)
         if self.recipe.clip_grad_norm is not None and not stats["skipped"]:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.clip_grad_norm)
@@ -289,13 +314,19 @@ class Trainer:
                 best = False
                 if self.step % r.eval.every == 0 or last:
                     metrics, images = self.evaluate()
-                    best = self._improved(metrics)
+                    # Rank 0's call (it writes best.pt): every rank must take the same branch.
+                    best = distributed.from_rank0(partial(self._improved, metrics), self.dist)
                     self.logger.log_eval(self.step, metrics, images)
                 if self.step % r.checkpoint.every == 0 or last or best:
                     self.save(best=best)
-                if self.stop_signal is not None:
+                # Decided together: a rank that stopped alone would leave the others waiting.
+                if distributed.any_rank(self.stop_signal is not None, self.dist, self.device):
                     self.save()
-                    name = signal.Signals(self.stop_signal).name
+                    name = (
+                        signal.Signals(self.stop_signal).name
+                        if self.stop_signal is not None
+                        else "a signal to another process"
+                    )
                     self.logger.warn(
                         f"stopped by {name} after step {self.step}; checkpoint written. "
                         f"Continue with: gcond train {r.name} --resume {self.run_dir}"
@@ -369,6 +400,36 @@ def _resume_recipe(run_dir: Path, given: Recipe) -> Recipe:
     return saved
 
 
+def _resume_checkpoint(run_dir: Path, recipe: Recipe) -> Path:
+    """The checkpoint ``--resume`` continues from; a run stopped before its first one has none."""
+    path = checkpoint_paths(run_dir).latest
+    if not path.is_file():
+        raise UsageError(
+            f"--resume {run_dir}: no checkpoint to resume from ({path} does not exist: the run "
+            f"stopped before its first checkpoint, so no work was saved). Start it again: "
+            f"gcond train {recipe.name} --run-name NEW_NAME (or delete {run_dir} and reuse its "
+            "name)"
+        )
+    return path
+
+
+def _restore(trainer: Trainer, payload: dict[str, Any], path: Path) -> None:
+    """``trainer.restore``, with a checkpoint that does not fit the run as a CheckpointError."""
+    try:
+        trainer.restore(payload)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, KeyError):
+            detail = f"it has no {exc}"
+        else:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = " ".join(lines[:2]) or type(exc).__name__
+            detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run ({detail}); it was written for another "
+            "recipe or is damaged. Nothing was changed."
+        ) from None
+
+
 def run_train(
     recipe: Recipe, *, recipe_path: Path, run_name: str | None, resume: Path | None
 ) -> int:
@@ -376,15 +437,18 @@ def run_train(
     ctx = distributed.context()
     console = RunLogger(None, {}, 0, console=ctx.rank == 0, tensorboard=False)
     try:
-        distributed.init(ctx)
+        payload = None
         if resume is not None:
             run_dir = Path(resume)
             recipe = _resume_recipe(run_dir, recipe)
-            payload = load_checkpoint(checkpoint_paths(run_dir).latest)
-        else:
-            run_dir = distributed.broadcast_object(new_run_dir(recipe, run_name), ctx)
-            payload = None
+            payload = load_checkpoint(_resume_checkpoint(run_dir, recipe))
+        # The recipe's device (of the resumed recipe, if any) picks the backend: NCCL or gloo.
+        distributed.init(ctx, resolve_device(recipe.device).type)
+        if resume is None:
+            run_dir = distributed.from_rank0(lambda: new_run_dir(recipe, run_name), ctx)
         trainer = Trainer(recipe, run_dir)
+        if payload is not None:
+            _restore(trainer, payload, checkpoint_paths(run_dir).latest)
     except (UsageError, CheckpointError, RecipeError, ValueError) as exc:
         console.start()
         console.error(str(exc))
@@ -392,7 +456,6 @@ def run_train(
         return EXIT_USAGE
     logger = trainer.logger
     if payload is not None:
-        trainer.restore(payload)
         logger_msg = f"resuming {run_dir} at step {trainer.step}"
     else:
         if ctx.rank == 0:
@@ -414,13 +477,15 @@ def run_train(
     except CheckpointError as exc:
         logger.error(str(exc))
     except Exception as exc:  # a training failure: say where, keep the traceback in the run dir
-        where = f"step {trainer.step + 1}"
-        logger.error(f"training failed at {where}: {type(exc).__name__}: {exc}")
+        message = f"training failed at step {trainer.step + 1}: {type(exc).__name__}: {exc}"
+        logger.error(message)
+        distributed.report_error(ctx, message)
         if ctx.rank == 0 and run_dir.exists():
             (run_dir / "error.log").write_text(traceback.format_exc())
             logger.error(f"traceback written to {run_dir / 'error.log'}")
-        distributed.abort(ctx)
     finally:
         logger.close(summary if code == EXIT_OK else None)
+        if code == EXIT_FAILED:
+            distributed.abort(ctx, EXIT_FAILED)  # other ranks may be waiting for this one
         distributed.shutdown(ctx)
     return code

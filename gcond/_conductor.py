@@ -129,6 +129,8 @@ class GradientConductor:
         # Under DDP the forwards and backwards run on the wrapped module: DDP's own all-reduce
         # never fires, and the conductor makes the one collective that ``ddp_sync`` asks for.
         self._module: nn.Module = getattr(model, "module", model) if _is_ddp(model) else model
+        # The group DDP synchronises over (None: the default group).
+        self._group = getattr(model, "process_group", None) if _is_ddp(model) else None
         self.loss_fns = dict(loss_fns)
         self.loss_names = list(loss_fns)
         self.lambdas = {k: float(lambdas[k]) for k in self.loss_names}
@@ -214,13 +216,15 @@ class GradientConductor:
         with frozen_batchnorm(self._module, self.freeze_bn):
             for i in range(self.accumulation_steps):
                 self._accumulate_micro_batch(data_provider, i)
-        if self.ddp_sync == "grads" and _distributed():
-            # One flat collective for all K accumulators (and the K loss sums beside it).
-            world = dist.get_world_size()
-            dist.all_reduce(acc)
+        if self.ddp_sync == "grads" and _distributed(self._group):
+            # One flat collective for all K accumulators (not one per parameter tensor), and a
+            # K-sized one for the loss sums. Divided before the sum, so that low-precision
+            # accumulators do not overflow with many ranks.
+            world = dist.get_world_size(self._group)
             acc.div_(world)
-            dist.all_reduce(self._loss_sums)
+            dist.all_reduce(acc, group=self._group)
             self._loss_sums.div_(world)
+            dist.all_reduce(self._loss_sums, group=self._group)
         return self._finish_step(acc)
 
     def state_dict(self) -> dict[str, Any]:
@@ -425,6 +429,10 @@ class GradientConductor:
         bad_values = [not math.isfinite(x) for x in loss_means]
         if any(bad) and any(bad_values):
             bad = bad_values
+        if self.ddp_sync == "update" and _distributed(self._group):
+            # Resolved locally, but every rank must skip together: one that skipped alone would
+            # leave the others waiting in the all-reduce of the update.
+            bad = _on_any_rank(bad, self._group, self.device)
         stats = self._base_stats(loss_means, bad)
         if any(bad):
             self._write_skipped()
@@ -530,9 +538,9 @@ class GradientConductor:
                     self.trust_ratio_clip,
                     self.eps,
                 )
-        if self.ddp_sync == "update" and _distributed():
-            dist.all_reduce(update)
-            update.div_(dist.get_world_size())
+        if self.ddp_sync == "update" and _distributed(self._group):
+            update.div_(dist.get_world_size(self._group))
+            dist.all_reduce(update, group=self._group)
             direction_is_g = False
         if direction_is_g and analytic_norm is not None:
             # ‖Σ w_k g_k‖² = wᵀ·Gram·w: exact, and no second sync.
@@ -611,8 +619,15 @@ def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _distributed(group: Any = None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _on_any_rank(flags: list[bool], group: Any, device: torch.device) -> list[bool]:
+    """Element-wise OR of ``flags`` over the ranks: one K-sized collective and a host sync."""
+    votes = torch.tensor(flags, dtype=torch.float32, device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
+    return [v > 0 for v in votes.tolist()]
 
 
 def _common_dtype(params: list[torch.Tensor]) -> torch.dtype:

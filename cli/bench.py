@@ -1,0 +1,647 @@
+"""``gcond bench``: what each method costs per optimizer step on this device, against ``sum``.
+
+Every method trains the same model (same initial weights) on the same micro-batches with the
+same optimizer, one after the other in this process: warm-up steps, then timed steps, each
+step bracketed by a device synchronisation. A step is split into
+
+* accumulation: the forwards and backwards of the N micro-batches (for ``sum``: its whole
+  ``step()``, including its one host sync);
+* resolution: the conductor's resolution (or a TorchJD aggregation) + momentum + write-back of
+  ``p.grad``, i.e. ``GradientConductor._finish_step``;
+* optimizer: gradient clipping and ``optimizer.step()``.
+
+The split is read from CUDA events on the GPU's timeline (no extra syncs inside the step), or
+from ``perf_counter`` on the CPU. Resolution is also timed on made-up conflicting gradients (every
+loss at cosine ≈ -0.7 with the first), so its cost is known even when the real losses agree.
+
+Data: a pool of a few synthetic micro-batches, prepared on the device before anything is timed
+and cycled, so loading and augmentation are not part of the step. Memory: on CUDA the peak of
+``max_memory_allocated`` during the method's steps above what was allocated before the model
+was built; on the CPU the growth of the process's resident set, sampled every millisecond
+(approximate), or n/a where it cannot be read.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+
+import gcond
+from gcond import GradientConductor
+from gcond_cli.compare import parse_methods
+from gcond_cli.data import DatasetError, DeviceDataProvider, build_datasets
+from gcond_cli.losses import build_loss
+from gcond_cli.methods import METHODS, build_method, method_unavailable
+from gcond_cli.models import build_model
+from gcond_cli.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
+from gcond_cli.train import (
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    build_optimizer,
+    resolve_device,
+    resolve_precision,
+)
+
+DATA_POOL = 2  # distinct micro-batches cycled through (kept small: they count in the memory)
+CONFLICT_COSINE = -0.7  # of the made-up gradients resolution is also timed on
+
+
+def _workload(name: str, size: int, batch: int, patch: int, model: dict, n: int = 8) -> dict:
+    return {
+        "name": name,
+        "seed": 0,
+        "data": {
+            "dataset": "synthetic",
+            "image_size": size,
+            "micro_batch_size": batch,
+            "mask": {"ratio": 0.75, "patch_size": patch},
+        },
+        "model": model,
+        "losses": {  # as in the bundled MAE recipe and the seed: L1 + SSIM, 0.85 / 0.15
+            "l1": {"kind": "l1", "weight": 0.85},
+            "ssim": {"kind": "ssim", "weight": 0.15, "win_size": 11 if size >= 11 else 7},
+        },
+        "conductor": {"accumulation_steps": n},
+        "optimizer": {"name": "adamw", "lr": 1e-4},
+        "schedule": {"max_steps": 1},
+    }
+
+
+VIT_S = {
+    "name": "mae_vit",
+    "patch_size": 16,
+    "dim": 384,
+    "depth": 12,
+    "heads": 6,
+    "decoder_dim": 256,
+    "decoder_depth": 4,
+    "decoder_heads": 8,
+}
+TINY_VIT = {
+    "name": "mae_vit",
+    "patch_size": 4,
+    "dim": 32,
+    "depth": 1,
+    "heads": 2,
+    "decoder_dim": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+}
+WORKLOADS: dict[str, dict] = {
+    "vit_mae_224": _workload("vit_mae_224", 224, 32, 16, VIT_S),
+    "conv_mobilenet_128": _workload(
+        "conv_mobilenet_128", 128, 64, 16, {"name": "masked_conv", "backbone": "mobilenet_v3_small"}
+    ),
+    "conv_convnext_128": _workload(
+        "conv_convnext_128", 128, 32, 16, {"name": "masked_conv", "backbone": "convnext_tiny"}
+    ),
+    "tiny": _workload("tiny", 16, 4, 4, TINY_VIT, n=2),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe to measure
+
+
+def bench_losses(count: int, image_size: int) -> dict[str, dict]:
+    """K losses for ``--losses K``: l1, ssim, mse, then the same restricted to the masked region,
+    and so on; equal weights."""
+    kinds, losses = ("l1", "ssim", "mse"), {}
+    for i in range(count):
+        kind, round_ = kinds[i % 3], i // 3
+        spec: dict[str, Any] = {"kind": kind, "weight": 1.0 / count, "masked_only": round_ % 2 == 1}
+        if kind == "ssim":
+            spec["win_size"] = 11 if image_size >= 11 else 7
+        losses[kind if round_ == 0 else f"{kind}_{round_ + 1}"] = spec
+    return losses
+
+
+def bench_recipe(
+    recipe: str | None,
+    overrides: Sequence[str],
+    *,
+    workload: str | None,
+    accumulation_steps: int | None = None,
+    losses: int | None = None,
+    dim: int | None = None,
+    depth: int | None = None,
+) -> Recipe:
+    """The recipe or workload with the command's settings, its data made synthetic."""
+    if recipe is not None and workload is not None:
+        raise UsageError("give a RECIPE or --workload, not both")
+    if recipe is not None:
+        raw = recipe_to_dict(load_recipe(recipe))
+    else:
+        if workload is None:
+            workload = "vit_mae_224" if torch.cuda.is_available() else "tiny"
+        if workload not in WORKLOADS:
+            raise UsageError(
+                f"--workload: unknown workload {workload!r}, expected one of {', '.join(WORKLOADS)}"
+            )
+        raw = WORKLOADS[workload]
+    options = [f"conductor.accumulation_steps={accumulation_steps}"] if accumulation_steps else []
+    options += [f"model.dim={dim}"] if dim else []
+    options += [f"model.depth={depth}"] if depth else []
+    resolved = recipe_from_dict(raw, [*overrides, *options])
+    data = resolved.data
+    synthetic = [
+        "data.dataset=synthetic",
+        "data.download=false",
+        f"data.train_samples={data.micro_batch_size * DATA_POOL}",
+        "data.val_samples=1",
+    ]
+    if losses:
+        synthetic.append("losses=" + json.dumps(bench_losses(losses, data.image_size)))
+    return recipe_from_dict(recipe_to_dict(resolved), synthetic)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+class _Clock:
+    """Named marks within one step: CUDA events (GPU timeline, no sync) or perf_counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, Any] = {}
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def seconds(self, start: str, end: str) -> float:
+        """Seconds between two marks; call after the device was synchronised."""
+        a, b = self.marks[start], self.marks[end]
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+
+class _MemoryMeter:
+    """Peak memory of what runs between ``start()`` and ``stop()``, above the level at start."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "n/a"
+        if device.type == "cpu" and _rss() is not None:
+            self.kind = "cpu resident set growth (sampled, approximate)"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base = self._peak = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind != "n/a":
+            _malloc_trim()  # hand freed memory back, or the next method would reuse it unseen
+            self._base = self._peak = _rss() or 0
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss() or 0)
+            time.sleep(0.001)
+
+    def stop(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self._base
+        if self._thread is None:
+            return None
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        return max(self._peak - self._base, 0)
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim() -> None:
+    """Return the C heap's free memory to the system (glibc), so the resident set drops."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _data_pool(recipe: Recipe, device: torch.device) -> list[Any]:
+    train_set, _ = build_datasets(recipe.data, recipe.seed)
+    provider = DeviceDataProvider(train_set, recipe.data, device, recipe.seed)
+    return [provider() for _ in range(DATA_POOL)]
+
+
+def _instrument(method: Any, clock: _Clock) -> Callable[[torch.Tensor], dict] | None:
+    """Mark the start and end of a conductor's resolution + write-back; returns the original."""
+    if not isinstance(method, GradientConductor):
+        return None
+    finish = method._finish_step
+
+    def timed_finish(acc: torch.Tensor) -> dict[str, float]:
+        clock.mark("accumulated")
+        stats = finish(acc)
+        clock.mark("finished")
+        return stats
+
+    method._finish_step = timed_finish  # an instance attribute: step() calls it
+    return finish
+
+
+def _conflict_timing(
+    method: GradientConductor, finish: Callable, device: torch.device, repeats: int
+) -> dict[str, float]:
+    """Median seconds of resolution + write-back on gradients that conflict: row 0 random, every
+    other row at cosine ≈ CONFLICT_COSINE with it (and +0.5 with each other)."""
+    k, p = len(method.loss_names), method.num_params
+    generator = torch.Generator(device=device).manual_seed(0)
+    base = torch.randn(k, p, device=device, generator=generator)
+    grads = base.clone()
+    a = -CONFLICT_COSINE  # g_k = -a·b_0 + sqrt(1 - a²)·b_k: cos(g_0, g_k) = -a
+    grads[1:] = -a * base[0] + (1 - a * a) ** 0.5 * base[1:]
+    grads = grads.to(method.grad_dtype)
+    del base
+    times, stats = [], {}
+    for _ in range(repeats + 1):  # the first one warms up
+        acc = grads.clone()
+        _sync(device)
+        start = time.perf_counter()
+        stats = finish(acc)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {
+        "seconds": statistics.median(times[1:]),
+        "proj_iters": stats.get("proj_iters", 0.0),
+        "min_cosine_sim": stats.get("min_cosine_sim", float("nan")),
+    }
+
+
+def bench_method(
+    name: str, recipe: Recipe, pool: list[Any], device: torch.device, steps: int, warmup: int
+) -> dict[str, Any]:
+    """Build ``name`` on a fresh model and time ``warmup`` + ``steps`` optimizer steps."""
+    autocast_dtype, needs_scaler = resolve_precision(recipe.precision, device)
+    memory = _MemoryMeter(device)
+    memory.start()
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, recipe.data).to(device)
+    loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
+    lambdas = {n: c.weight for n, c in recipe.losses.items()}
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+    method = build_method(
+        recipe.conductor.model_copy(update={"method": name}),
+        model,
+        loss_fns,
+        lambdas,
+        autocast_dtype=autocast_dtype,
+        scaler=scaler if needs_scaler else None,
+    )
+    optimizer = build_optimizer(recipe.optimizer, model)
+    clock = _Clock(device)
+    finish = _instrument(method, clock)
+    cursor = iter(range(1 << 62))
+
+    def provider() -> Any:
+        return pool[next(cursor) % len(pool)]
+
+    parts: dict[str, list[float]] = {
+        "step": [],
+        "accumulation": [],
+        "resolution": [],
+        "optimizer": [],
+    }
+    weak = recipe.conductor.conflict_thresholds[2]
+    cosines, iters = [], []
+    for i in range(warmup + steps):
+        _sync(device)
+        started = time.perf_counter()
+        clock.mark("start")
+        optimizer.zero_grad(set_to_none=True)
+        stats = method.step(provider)
+        clock.mark("method")
+        if recipe.clip_grad_norm is not None and not stats["skipped"]:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        clock.mark("end")
+        _sync(device)
+        if i < warmup:
+            continue
+        parts["step"].append(time.perf_counter() - started)
+        accumulated = "accumulated" if finish is not None else "method"
+        parts["accumulation"].append(clock.seconds("start", accumulated))
+        resolution = clock.seconds("accumulated", "finished") if finish is not None else 0.0
+        parts["resolution"].append(resolution)
+        parts["optimizer"].append(clock.seconds("method", "end"))
+        if "min_cosine_sim" in stats:
+            cosines.append(stats["min_cosine_sim"])
+            iters.append(stats.get("proj_iters", 0.0))
+    peak = memory.stop()
+
+    medians = {k: statistics.median(v) for k, v in parts.items()}
+    result: dict[str, Any] = {
+        "method": name,
+        "step_ms": 1000 * medians["step"],
+        "step_ms_all": [1000 * t for t in parts["step"]],
+        "accumulation_ms": 1000 * medians["accumulation"],
+        "resolution_ms": 1000 * medians["resolution"],
+        "optimizer_ms": 1000 * medians["optimizer"],
+        "resolution_share": medians["resolution"] / medians["step"],
+        "peak_memory_bytes": peak,
+        "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "backward_mode": getattr(method, "backward_mode", "one backward per micro-batch"),
+        "conflict_steps": sum(c < weak for c in cosines) if cosines else None,
+        "proj_iters_mean": statistics.fmean(iters) if iters else None,
+    }
+    if finish is not None:
+        conflict = _conflict_timing(method, finish, device, repeats=max(3, min(steps, 10)))
+        result["resolution_conflict_ms"] = 1000 * conflict["seconds"]
+        result["resolution_conflict_share"] = conflict["seconds"] / medians["step"]
+        result["resolution_conflict_proj_iters"] = conflict["proj_iters"]
+    del method, optimizer, model, scaler
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def add_ratios(results: dict[str, dict], num_losses: int, num_params: int) -> list[dict]:
+    """Ratios of time and memory to ``sum`` in place; returns the issue's targets, checked."""
+    base = results.get("sum")
+    for r in results.values():
+        if "error" in r:
+            continue
+        r["time_ratio_to_sum"] = r["step_ms"] / base["step_ms"] if base else None
+        mem, base_mem = r["peak_memory_bytes"], base and base["peak_memory_bytes"]
+        r["memory_ratio_to_sum"] = mem / base_mem if mem is not None and base_mem else None
+        r["memory_over_sum_bytes"] = mem - base_mem if mem is not None and base_mem else None
+
+    ok = {n: r for n, r in results.items() if "error" not in r}
+    targets: list[dict] = []
+
+    def target(text: str, value: float | None, limit: float) -> None:
+        if value is not None:
+            targets.append({"target": text, "value": value, "limit": limit, "pass": value <= limit})
+
+    if "conductor-stochastic" in ok:
+        target(
+            "conductor-stochastic step ≤ 1.05 × sum",
+            ok["conductor-stochastic"].get("time_ratio_to_sum"),
+            1.05,
+        )
+    if "conductor" in ok:
+        target("conductor step ≤ 1.35 × sum", ok["conductor"].get("time_ratio_to_sum"), 1.35)
+        if "pcgrad" in ok:
+            ratio = ok["conductor"]["step_ms"] / ok["pcgrad"]["step_ms"]
+            target("conductor step ≤ pcgrad step", ratio, 1.0)
+    budget_extra = (2 * num_losses + 2) * num_params * 4
+    for name in ("conductor", "conductor-stochastic"):
+        if name not in ok:
+            continue
+        r = ok[name]
+        target(
+            f"{name}: resolution + momentum + write-back ≤ 3 % of the step",
+            r["resolution_share"],
+            0.03,
+        )
+        target(
+            f"{name}: the same on conflicting gradients ≤ 3 % of the step",
+            r.get("resolution_conflict_share"),
+            0.03,
+        )
+        if base and base["peak_memory_bytes"] and r["peak_memory_bytes"] is not None:
+            limit = 1.05 * base["peak_memory_bytes"] + budget_extra
+            target(
+                f"{name}: peak memory ≤ sum's + (2K+2)·P·4 B + 5 %",
+                float(r["peak_memory_bytes"]),
+                limit,
+            )
+    return targets
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def run_bench(
+    recipe: str | None,
+    overrides: Sequence[str],
+    *,
+    workload: str | None = None,
+    methods: str | None = None,
+    steps: int = 10,
+    warmup: int = 3,
+    accumulation_steps: int | None = None,
+    losses: int | None = None,
+    dim: int | None = None,
+    depth: int | None = None,
+    json_path: Path | None = None,
+) -> int:
+    """``gcond bench``: returns the exit code (0 done, 2 bad request)."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    out = Console(highlight=False, width=None if isatty and isatty() else 200)
+    if recipe is not None and "=" in recipe:  # no RECIPE, only overrides
+        overrides, recipe = [recipe, *overrides], None
+    try:
+        resolved = bench_recipe(
+            recipe,
+            overrides,
+            workload=workload,
+            accumulation_steps=accumulation_steps,
+            losses=losses,
+            dim=dim,
+            depth=depth,
+        )
+        names = (
+            parse_methods(methods) if methods else [m for m in METHODS if not method_unavailable(m)]
+        )
+        for name in names:
+            reason = method_unavailable(name)
+            if reason:
+                raise UsageError(reason)
+        names = ["sum", *(n for n in names if n != "sum")]  # the baseline, measured first
+        device = resolve_device(resolved.device)
+        pool = _data_pool(resolved, device)
+    except RecipeError as exc:
+        _error(out, "\n".join(["the recipe is invalid:", *exc.errors]))
+        return EXIT_USAGE
+    except (UsageError, DatasetError, ValueError) as exc:
+        _error(out, str(exc))
+        return EXIT_USAGE
+
+    autocast_dtype, _ = resolve_precision(resolved.precision, device)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
+    n, k = resolved.conductor.accumulation_steps, len(resolved.losses)
+    out.print(
+        f"bench {resolved.name} on {_device_name(device)} ({device}), {precision}: "
+        f"N={n} micro-batches of {resolved.data.micro_batch_size}, K={k} losses, "
+        f"{warmup} warm-up + {steps} timed steps per method",
+        markup=False,
+    )
+    # One untimed round first: the first method to run would otherwise pay the process's
+    # one-time costs (library handles, kernel selection, allocator pools) in time and memory.
+    bench_method("sum", resolved, pool, device, steps=1, warmup=max(warmup, 1))
+    results: dict[str, dict] = {}
+    for name in names:
+        out.print(f"  {name} ...", markup=False)
+        try:
+            results[name] = bench_method(name, resolved, pool, device, steps, warmup)
+        except (ValueError, RuntimeError) as exc:  # e.g. stochastic with N < K, out of memory
+            results[name] = {"method": name, "error": f"{type(exc).__name__}: {exc}"}
+            _error(out, f"{name}: {results[name]['error']}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    num_params = next((r["num_params"] for r in results.values() if "num_params" in r), 0)
+    targets = add_ratios(results, k, num_params)
+    report = {
+        "workload": resolved.name,
+        "device": {"type": device.type, "name": _device_name(device), "index": device.index},
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gcond": gcond.__version__,
+        "torchjd": _version("torchjd"),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "precision": precision,
+        "num_params": num_params,
+        "num_losses": k,
+        "losses": list(resolved.losses),
+        "accumulation_steps": n,
+        "micro_batch_size": resolved.data.micro_batch_size,
+        "image_size": resolved.data.image_size,
+        "steps": steps,
+        "warmup": warmup,
+        "data": f"{DATA_POOL} synthetic micro-batches on the device, cycled (not timed)",
+        "memory": _MemoryMeter(device).kind,
+        "methods": results,
+        "targets": targets,
+        "recipe": recipe_to_dict(resolved),
+    }
+    _print_report(out, report)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        out.print(f"written: {json_path}", markup=False)
+    return EXIT_OK
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _error(out: Console, message: str) -> None:
+    out.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _print_report(out: Console, report: dict[str, Any]) -> None:
+    table = Table(
+        title=f"gcond bench: {report['workload']}, P = {report['num_params']:,} parameters, "
+        f"K = {report['num_losses']}, N = {report['accumulation_steps']}, "
+        f"{report['precision']}, {report['device']['name']}, torch {report['torch']}",
+        caption=f"medians over {report['steps']} steps; memory: {report['memory']}",
+    )
+    for title in (
+        "method",
+        "step ms",
+        "× sum",
+        "accumulation ms",
+        "resolution ms",
+        "resolution (conflict) ms",
+        "optimizer ms",
+        "peak memory",
+        "× sum",
+        "backward",
+    ):
+        table.add_column(title, justify="left" if title in ("method", "backward") else "right")
+    for name, r in report["methods"].items():
+        if "error" in r:
+            table.add_row(name, Text(r["error"], style="red"))
+            continue
+        conflict = r.get("resolution_conflict_ms")
+        table.add_row(
+            name,
+            f"{r['step_ms']:.1f}",
+            _ratio(r["time_ratio_to_sum"]),
+            f"{r['accumulation_ms']:.1f}",
+            f"{r['resolution_ms']:.2f} ({r['resolution_share']:.1%})",
+            "–" if conflict is None else f"{conflict:.2f} ({r['resolution_conflict_share']:.1%})",
+            f"{r['optimizer_ms']:.1f}",
+            _mib(r["peak_memory_bytes"]),
+            _ratio(r["memory_ratio_to_sum"]),
+            r["backward_mode"],
+        )
+    out.print(table)
+    if report["targets"]:
+        checks = Table(
+            title="targets (issue 6; set for CUDA, bf16)"
+            if report["device"]["type"] != "cuda"
+            else "targets (issue 6)"
+        )
+        for title in ("target", "value", "limit", ""):
+            checks.add_column(title, justify="left" if title == "target" else "right")
+        for t in report["targets"]:
+            memory = "memory" in t["target"]
+            fmt = _mib if memory else (lambda v: f"{v:.3f}")
+            verdict = Text("pass", style="green") if t["pass"] else Text("FAIL", style="bold red")
+            checks.add_row(t["target"], fmt(t["value"]), fmt(t["limit"]), verdict)
+        out.print(checks)

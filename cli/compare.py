@@ -1,0 +1,750 @@
+"""``gcond compare``: one recipe under several methods and variants, same seeds, same data.
+
+Every run of a comparison lives under one directory,
+
+    runs/<recipe>/compare-<name>/<method or variant>/seed<s>/
+
+so ``tensorboard --logdir`` on it overlays the runs; the compare directory's own events file
+holds a custom-scalars layout with one chart per metric, every run's curve in it. The data
+stream, the masks and the initial weights follow the seed alone, so every entry of a seed sees
+the same micro-batches in the same order and runs the same number of optimizer steps; the first
+micro-batch's checksum is recorded per run to show it. Results go to the console as a table and
+to ``summary.json`` and ``report.md`` in the compare directory.
+
+A comparison can be resumed like a training run: ``--resume DIR`` skips the runs that finished
+(``summary.json`` present), continues an interrupted run from its latest checkpoint, and starts
+the ones not started yet.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import hashlib
+import json
+import math
+import re
+import shutil
+import statistics
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gcond_cli.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from gcond_cli.data import DatasetError
+from gcond_cli.logger import METRICS_FILE, SUMMARY_FILE
+from gcond_cli.methods import METHODS, method_unavailable
+from gcond_cli.recipe import (
+    Recipe,
+    RecipeError,
+    dump_recipe_yaml,
+    load_recipe,
+    name_problem,
+    recipe_from_dict,
+    recipe_to_dict,
+)
+from gcond_cli.train import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    RECIPE_FILE,
+    Trainer,
+    TrainingStopped,
+    UsageError,
+)
+
+PLAN_FILE = "compare.json"
+REPORT_FILE = "report.md"
+FIRST_BATCH_FILE = "first_batch.json"
+DEFAULT_METHODS = ("conductor", "sum")
+# Eval metrics of the table, and which way is better.
+EVAL_METRICS = {"l1": "min", "ssim": "max", "psnr": "max", "accuracy": "max"}
+_VARIANT_FORM = (
+    "NAME:KEY=VALUE,KEY=VALUE, e.g. "
+    "seed-momentum:conductor.momentum_beta=0.9,optimizer.betas=[0.0,0.95]"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the comparison: a method, or a named variant of the recipe."""
+
+    name: str
+    overrides: tuple[str, ...]  # applied on top of the comparison's recipe
+    variant: bool
+
+
+@dataclass
+class Plan:
+    source: str  # where the recipe came from (for the report)
+    overrides: list[str]  # the comparison's own KEY=VALUE overrides, already in its recipe
+    methods: list[str]
+    variants: dict[str, list[str]]
+    seeds: list[int]
+
+    @property
+    def entries(self) -> list[Entry]:
+        methods = [Entry(m, (f"conductor.method={m}",), False) for m in self.methods]
+        variants = [Entry(n, tuple(o), True) for n, o in self.variants.items()]
+        return methods + variants
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "overrides": self.overrides,
+            "methods": self.methods,
+            "variants": self.variants,
+            "seeds": self.seeds,
+        }
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split at ``sep`` outside brackets and quotes: ``a=[0.0,0.95],b=1`` -> two parts."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth = max(depth - 1, 0)
+        elif char == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:KEY=VALUE,KEY=VALUE`` -> (name, overrides); values may hold commas in brackets."""
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not name or not rest.strip():
+        raise UsageError(f"--variant {text!r}: expected {_VARIANT_FORM}")
+    problem = name_problem(name)
+    if problem:
+        raise UsageError(f"--variant {text!r}: got the name {name!r}, expected {problem}")
+    overrides = split_top_level(rest)
+    for override in overrides:
+        if "=" not in override:
+            raise UsageError(
+                f"--variant {text!r}: {override!r} is not KEY=VALUE; expected {_VARIANT_FORM}"
+            )
+    return name, overrides
+
+
+def parse_methods(text: str) -> list[str]:
+    """``conductor,sum`` -> the method names, each checked."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(
+            f"--methods {text!r}: expected comma-separated methods, e.g. conductor,sum"
+        )
+    for name in names:
+        if name not in METHODS:
+            close = difflib.get_close_matches(name, METHODS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UsageError(
+                f"--methods: unknown method {name!r}, expected one of {', '.join(METHODS)}{hint}"
+            )
+    if len(set(names)) != len(names):
+        raise UsageError(f"--methods {text!r}: a method is listed twice")
+    return names
+
+
+def _make_plan(
+    recipe: Recipe,
+    source: str,
+    overrides: Sequence[str],
+    methods: str | None,
+    seeds: int | None,
+    variants: Sequence[str],
+) -> Plan:
+    method_names = parse_methods(methods) if methods is not None else list(DEFAULT_METHODS)
+    parsed = dict(parse_variant(v) for v in variants)
+    if len(parsed) != len(variants):
+        raise UsageError("--variant: two variants have the same name")
+    clash = set(parsed) & set(method_names)
+    if clash:
+        raise UsageError(f"--variant: the name {sorted(clash)[0]!r} is also a method; rename it")
+    count = 1 if seeds is None else seeds
+    if count < 1:
+        raise UsageError(f"--seeds: got {count}, expected at least 1")
+    return Plan(
+        source=source,
+        overrides=list(overrides),
+        methods=method_names,
+        variants=parsed,
+        seeds=[recipe.seed + i for i in range(count)],
+    )
+
+
+def _check_resume_request(
+    plan: Plan, methods: str | None, seeds: int | None, variants: Sequence[str]
+) -> None:
+    """On ``--resume`` the saved plan is used; options that would change it are refused."""
+    differ = []
+    if methods is not None and parse_methods(methods) != plan.methods:
+        differ.append(f"--methods {','.join(plan.methods)}")
+    if seeds is not None and seeds != len(plan.seeds):
+        differ.append(f"--seeds {len(plan.seeds)}")
+    if variants and dict(parse_variant(v) for v in variants) != plan.variants:
+        differ.append("the same --variant options")
+    if differ:
+        raise UsageError(
+            "--resume continues the comparison as it was started; drop the options or pass "
+            + ", ".join(differ)
+        )
+
+
+def _run_recipes(base: Recipe, plan: Plan) -> dict[tuple[str, int], Recipe]:
+    """The recipe of every (entry, seed), all validated before anything runs."""
+    raw = recipe_to_dict(base)
+    recipes, errors = {}, []
+    for entry in plan.entries:
+        try:
+            for seed in plan.seeds:
+                recipes[entry.name, seed] = recipe_from_dict(
+                    raw, [*entry.overrides, f"seed={seed}"]
+                )
+        except RecipeError as exc:
+            errors += [f"{entry.name}: {line}" for line in exc.errors]
+    if errors:
+        raise RecipeError(errors)
+    for entry in plan.entries:
+        method = recipes[entry.name, plan.seeds[0]].conductor.method
+        reason = method_unavailable(method)
+        if reason:
+            raise UsageError(f"{entry.name}: {reason}")
+    return recipes
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def batch_checksum(batch: Any) -> str:
+    """SHA-256 of a micro-batch: every tensor's dtype, shape and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()  # device-to-host copy: once per run
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            t = t.to(torch.uint8) if t.dtype == torch.bool else t
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, Mapping):
+            for key in sorted(obj):
+                digest.update(str(key).encode())
+                feed(obj[key])
+        elif isinstance(obj, list | tuple):
+            for item in obj:
+                feed(item)
+        else:
+            digest.update(repr(obj).encode())
+
+    feed(batch)
+    return digest.hexdigest()
+
+
+class _FirstBatchRecorder:
+    """Stands in for a run's data provider: serves every micro-batch unchanged and writes the
+    checksum of the first one to the run directory. Anything else goes to the provider."""
+
+    def __init__(self, provider: Callable[[], Any], path: Path) -> None:
+        self._provider = provider
+        self._path = path
+        self._pending = True
+
+    def __call__(self) -> Any:
+        batch = self._provider()
+        if self._pending:
+            self._pending = False
+            self._path.write_text(json.dumps({"sha256": batch_checksum(batch)}) + "\n")
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._provider, name)
+
+
+def _train_run(recipe: Recipe, run_dir: Path, *, console: bool, out: Console) -> int:
+    """Train (or continue) one run of the comparison; returns its exit code."""
+    payload = None
+    try:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            recipe = load_recipe(run_dir / RECIPE_FILE)
+            payload = load_checkpoint(checkpoint)
+        elif run_dir.exists():
+            shutil.rmtree(run_dir)  # it stopped before its first checkpoint: start it over
+        trainer = Trainer(recipe, run_dir, console=console)
+    except (UsageError, RecipeError, CheckpointError, DatasetError, ValueError) as exc:
+        _error(out, f"{run_dir}: {exc}")
+        return EXIT_USAGE
+    if payload is not None:
+        trainer.restore(payload)
+    else:
+        run_dir.mkdir(parents=True)
+        (run_dir / RECIPE_FILE).write_text(dump_recipe_yaml(recipe))
+        trainer.provider = _FirstBatchRecorder(trainer.provider, run_dir / FIRST_BATCH_FILE)
+    logger = trainer.logger
+    code, summary = EXIT_FAILED, None
+    try:
+        logger.start(trainer.step)
+        code = trainer.run()
+        if code == EXIT_OK:
+            summary = {**trainer.summary(), **run_results(run_dir, recipe)}
+    except TrainingStopped as exc:
+        logger.error(str(exc))
+    except Exception as exc:  # a training failure: keep the traceback in the run directory
+        logger.error(f"training failed at step {trainer.step + 1}: {type(exc).__name__}: {exc}")
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        logger.error(f"traceback written to {run_dir / 'error.log'}")
+    finally:
+        logger.close(summary)
+    return code
+
+
+def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
+    """What the comparison reads from a run: final and best eval metrics, how often the losses
+    conflicted, and the first micro-batch's checksum."""
+    records = []
+    metrics_path = run_dir / METRICS_FILE
+    if metrics_path.is_file():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    evals = [r for r in records if r.get("kind") == "eval"]
+    keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
+    final = {k: evals[-1].get(k) for k in keys} if evals else {}
+    best = {}
+    for key in keys:
+        values = [r[key] for r in evals if isinstance(r.get(key), int | float)]
+        pick = min if EVAL_METRICS.get(key.removeprefix("eval/"), "min") == "min" else max
+        best[key] = pick(values) if values else None
+
+    # Seconds per step from the logged throughput; the first step pays one-time costs
+    # (allocation, kernel selection, the batched-backward probe), so it is left out.
+    samples_per_step = recipe.data.micro_batch_size * recipe.conductor.accumulation_steps
+    step_seconds = [
+        samples_per_step / r["samples_per_s"]
+        for r in records
+        if r.get("kind") == "train"
+        and isinstance(r.get("samples_per_s"), int | float)
+        and r["samples_per_s"] > 0
+    ]
+    step_seconds = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
+
+    weak = recipe.conductor.conflict_thresholds[2]
+    cosines = [
+        r["min_cosine_sim"]
+        for r in records
+        if r.get("kind") == "train" and isinstance(r.get("min_cosine_sim"), int | float)
+    ]
+    conflict = None
+    if cosines:
+        conflict = {
+            "steps": len(cosines),
+            "share": sum(c < weak for c in cosines) / len(cosines),
+            "mean_cosine": sum(cosines) / len(cosines),
+            "weak": weak,
+        }
+    first_batch = run_dir / FIRST_BATCH_FILE
+    checksum = json.loads(first_batch.read_text())["sha256"] if first_batch.is_file() else None
+    return {
+        "seed": recipe.seed,
+        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
+        "eval_final": final,
+        "eval_best": best,
+        "conflict": conflict,
+        "first_batch_sha256": checksum,
+    }
+
+
+def _write_layout(compare_dir: Path, base: Recipe) -> None:
+    """Custom-scalars layout at the compare directory's root: one chart per metric, in which
+    the regex matches that tag in every run below, so every method's curve lands in it."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def charts(tags: list[str]) -> dict[str, list]:
+        return {tag: ["Multiline", [f"^{re.escape(tag)}$"]] for tag in tags}
+
+    names = list(base.losses)
+    pairs = [f"cos/{a}_vs_{b}" for i, a in enumerate(names) for b in names[i + 1 :]]
+    evals = ["eval/l1", "eval/mse", "eval/ssim", "eval/psnr"]
+    if base.data.labels != "none":
+        evals.append("eval/accuracy")
+    layout = {
+        "compare: eval": charts(evals),
+        "compare: losses": charts(["loss/total", *[f"loss/{n}" for n in names]]),
+        "compare: gradients": charts(["min_cosine_sim", *pairs, "final_grad_norm"]),
+        "compare: speed": charts(["train/samples_per_s", "train/lr"]),
+    }
+    with SummaryWriter(log_dir=str(compare_dir)) as writer:
+        writer.add_custom_scalars(layout)
+
+
+def run_compare(
+    recipe: Recipe | None,
+    source: Path | None,
+    *,
+    overrides: Sequence[str] = (),
+    methods: str | None = None,
+    seeds: int | None = None,
+    variants: Sequence[str] = (),
+    name: str | None = None,
+    resume: Path | None = None,
+    quiet: bool = False,
+) -> int:
+    """``gcond compare``: returns the exit code (0 done, 1 a run failed, 2 bad request,
+    130 stopped; the last two can be continued with ``--resume``)."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    # Not a terminal: wide enough that the table's rows are not wrapped in a log file.
+    out = Console(highlight=False, width=None if isatty and isatty() else 200)
+    try:
+        if resume is not None:
+            compare_dir = Path(resume)
+            plan, base = _load_plan(compare_dir, recipe)
+            _check_resume_request(plan, methods, seeds, variants)
+        else:
+            if recipe is None or source is None:
+                raise UsageError("give a RECIPE to compare, or --resume COMPARE_DIR")
+            plan = _make_plan(recipe, str(source), overrides, methods, seeds, variants)
+            base = recipe
+            stamp = name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            compare_dir = Path(base.log.runs_dir) / str(base.name) / f"compare-{stamp}"
+            if compare_dir.exists():
+                raise UsageError(
+                    f"{compare_dir} already exists: choose another --name, or continue it with "
+                    f"--resume {compare_dir}"
+                )
+        recipes = _run_recipes(base, plan)
+    except RecipeError as exc:
+        _error(out, "\n".join(["the comparison's recipes are invalid:", *exc.errors]))
+        return EXIT_USAGE
+    except UsageError as exc:
+        _error(out, str(exc))
+        return EXIT_USAGE
+    if resume is None:
+        compare_dir.mkdir(parents=True)
+        (compare_dir / RECIPE_FILE).write_text(dump_recipe_yaml(base))
+        (compare_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        _write_layout(compare_dir, base)
+
+    runs = [(seed, entry) for seed in plan.seeds for entry in plan.entries]
+    hint = f"continue with: gcond compare --resume {compare_dir}"
+    try:
+        for index, (seed, entry) in enumerate(runs, 1):
+            run_dir = compare_dir / entry.name / f"seed{seed}"
+            head = f"[{index}/{len(runs)}] {entry.name}, seed {seed}"
+            if (run_dir / SUMMARY_FILE).is_file():
+                out.print(f"{head}: finished earlier, skipped")
+                continue
+            out.print(f"{head} -> {run_dir}", style="bold")
+            code = _train_run(recipes[entry.name, seed], run_dir, console=not quiet, out=out)
+            if code != EXIT_OK:
+                _error(out, f"{head} did not finish (exit code {code}); {hint}")
+                return code
+    except KeyboardInterrupt:
+        _error(out, f"stopped; {hint}")
+        return EXIT_INTERRUPTED
+
+    summary = summarize(compare_dir, plan, recipes)
+    (compare_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    (compare_dir / REPORT_FILE).write_text(render_report(summary))
+    _print_table(out, summary)
+    for warning in summary["warnings"]:
+        out.print(f"warning: {warning}", style="yellow", markup=False)
+    out.print(
+        f"written: {compare_dir / SUMMARY_FILE}, {compare_dir / REPORT_FILE}; "
+        f"curves: tensorboard --logdir {compare_dir}",
+        markup=False,
+    )
+    return EXIT_OK
+
+
+def _load_plan(compare_dir: Path, given: Recipe | None) -> tuple[Plan, Recipe]:
+    plan_path, recipe_path = compare_dir / PLAN_FILE, compare_dir / RECIPE_FILE
+    if not plan_path.is_file() or not recipe_path.is_file():
+        raise UsageError(
+            f"--resume {compare_dir}: no {PLAN_FILE} / {RECIPE_FILE} there; "
+            "is it a gcond compare directory?"
+        )
+    data = json.loads(plan_path.read_text())
+    plan = Plan(**{k: data[k] for k in ("source", "overrides", "methods", "variants", "seeds")})
+    try:
+        base = load_recipe(recipe_path)
+    except RecipeError as exc:
+        raise UsageError(f"--resume {compare_dir}: its {RECIPE_FILE} is invalid:\n{exc}") from None
+    if given is not None and recipe_to_dict(given) != recipe_to_dict(base):
+        raise UsageError(
+            f"--resume {compare_dir}: the recipe given differs from the one the comparison "
+            f"started with (saved in {recipe_path}); pass no RECIPE to continue with that one"
+        )
+    return plan, base
+
+
+def _error(out: Console, message: str) -> None:
+    out.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary, report and table
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    better: str | None  # "min", "max" or None (not ranked)
+    fmt: Callable[[float], str]
+    value: Callable[[dict], float | None]  # from one run's summary
+
+
+def _get(*path: str) -> Callable[[dict], float | None]:
+    def value(run: dict) -> float | None:
+        node: Any = run
+        for part in path:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node if isinstance(node, int | float) and math.isfinite(node) else None
+
+    return value
+
+
+def _columns(metrics: list[str]) -> list[Column]:
+    cols = []
+    for stage in ("final", "best"):
+        for m in metrics:
+            fmt = ("{:.2f}" if m == "psnr" else "{:.4f}").format
+            value = _get(f"eval_{stage}", f"eval/{m}")
+            cols.append(Column(f"{stage}/{m}", f"{stage} {m}", EVAL_METRICS[m], fmt, value))
+    share, mean_cos = _get("conflict", "share"), _get("conflict", "mean_cosine")
+    return [
+        *cols,
+        Column("train_seconds", "wall time s", "min", "{:.1f}".format, _get("train_seconds")),
+        Column("step_seconds", "s/step", "min", "{:.3f}".format, _get("median_step_seconds")),
+        Column("conflict_share", "conflict steps", None, "{:.0%}".format, share),
+        Column("mean_cosine", "mean cos", None, "{:+.3f}".format, mean_cos),
+    ]
+
+
+def _mean_std(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "values": values}
+
+
+def summarize(
+    compare_dir: Path, plan: Plan, recipes: Mapping[tuple[str, int], Recipe]
+) -> dict[str, Any]:
+    """The comparison as plain data: per entry and column, mean ± std over the seeds."""
+    entries = plan.entries
+    runs = {
+        e.name: {
+            str(s): json.loads((compare_dir / e.name / f"seed{s}" / SUMMARY_FILE).read_text())
+            for s in plan.seeds
+        }
+        for e in entries
+    }
+    present = {k.removeprefix("eval/") for r in _all(runs) for k in r.get("eval_final", {})}
+    metrics = [m for m in EVAL_METRICS if m in present]
+    columns = _columns(metrics)
+    results: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        row = {}
+        for col in columns:
+            values = [col.value(r) for r in runs[e.name].values()]
+            row[col.key] = _mean_std([v for v in values if v is not None])
+        results[e.name] = row
+    if "sum" in results and results["sum"]["step_seconds"]:
+        base = results["sum"]["step_seconds"]["mean"]
+        for row in results.values():
+            step = row["step_seconds"]
+            row["ratio_to_sum"] = {"mean": step["mean"] / base} if step and base > 0 else None
+    best = {}
+    for col in columns:
+        scored = [(r[col.key]["mean"], n) for n, r in results.items() if r.get(col.key)]
+        if col.better and len(scored) > 1:
+            best[col.key] = (min if col.better == "min" else max)(scored)[1]
+
+    checksums = {
+        str(s): {e.name: runs[e.name][str(s)].get("first_batch_sha256") for e in entries}
+        for s in plan.seeds
+    }
+    warnings = []
+    reference = entries[0].name
+    for seed, per_entry in checksums.items():
+        differ = [n for n, c in per_entry.items() if c != per_entry[reference]]
+        if differ:
+            warnings.append(
+                f"seed {seed}: {', '.join(differ)} saw a different first micro-batch than "
+                f"{reference} (expected only where a variant changes data.* settings)"
+            )
+    first = recipes[entries[0].name, plan.seeds[0]]
+    return {
+        "recipe": first.name,
+        "source": plan.source,
+        "compare_dir": str(compare_dir),
+        "written": _dt.datetime.now().isoformat(timespec="seconds"),
+        "device": runs[reference][str(plan.seeds[0])].get("device"),
+        "torch": torch.__version__,
+        "max_steps": first.schedule.max_steps,
+        "log_every": first.log.every,
+        "overrides": plan.overrides,
+        "seeds": plan.seeds,
+        "metrics": metrics,
+        "entries": [
+            {
+                "name": e.name,
+                "method": recipes[e.name, plan.seeds[0]].conductor.method,
+                "variant": e.variant,
+                "overrides": list(e.overrides),
+            }
+            for e in entries
+        ],
+        "columns": [
+            {"key": c.key, "title": c.title, "better": c.better, "best": best.get(c.key)}
+            for c in columns
+        ],
+        "results": results,
+        "data_check": {"identical": not warnings, "first_batch_sha256": checksums},
+        "warnings": warnings,
+        "runs": runs,
+    }
+
+
+def _all(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
+    return [r for per_seed in runs.values() for r in per_seed.values()]
+
+
+def _cells(summary: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, list, list[bool]]]]:
+    """Column titles and, per entry, (label, cell texts, which cells are the column's best)."""
+    cols = {c.key: c for c in _columns(summary["metrics"])}
+    meta = {c["key"]: c for c in summary["columns"]}
+    titles = ["method", *(c.title for c in cols.values())]
+    titles.insert(titles.index("s/step") + 1, "× sum")
+    titles.append("data")
+    checks = summary["data_check"]["first_batch_sha256"]
+    reference = summary["entries"][0]["name"]
+    rows = []
+    for entry in summary["entries"]:
+        name = entry["name"]
+        result = summary["results"][name]
+        texts, marks = [], []
+        for key, col in cols.items():
+            cell = result.get(key)
+            if cell is None:
+                texts.append("–")
+            else:
+                text = col.fmt(cell["mean"])
+                if len(summary["seeds"]) > 1:
+                    text += " ± " + col.fmt(cell["std"]).lstrip("+")
+                texts.append(text)
+            marks.append(meta[key]["best"] == name)
+            if key == "step_seconds":
+                ratio = result.get("ratio_to_sum")
+                texts.append(f"{ratio['mean']:.2f}×" if ratio else "–")
+                marks.append(False)
+        same = all(per[name] == per[reference] for per in checks.values())
+        texts.append("same" if same else "DIFFERS")
+        marks.append(False)
+        label = f"{name} ({entry['method']})" if entry["variant"] else name
+        rows.append((label, texts, marks))
+    return titles, rows
+
+
+def _print_table(out: Console, summary: Mapping[str, Any]) -> None:
+    titles, rows = _cells(summary)
+    seeds = len(summary["seeds"])
+    table = Table(
+        title=f"gcond compare: {summary['recipe']}, {seeds} seed{'s' if seeds > 1 else ''}, "
+        f"{summary['max_steps']} steps" + (" (mean ± std over seeds)" if seeds > 1 else ""),
+        caption="best value per column in bold green; conflict steps: min raw cosine < weak",
+    )
+    for title in titles:
+        table.add_column(title, justify="left" if title == "method" else "right")
+    for label, texts, marks in rows:
+        cells = [Text(label)] + [
+            Text(t, style="bold green" if m else "") for t, m in zip(texts, marks, strict=True)
+        ]
+        table.add_row(*cells)
+    out.print(table)
+
+
+def render_report(summary: Mapping[str, Any]) -> str:
+    """``report.md``: the table, what each entry changes, and whether the data matched."""
+    titles, rows = _cells(summary)
+    seeds = summary["seeds"]
+    lines = [
+        f"# gcond compare: {summary['recipe']}",
+        "",
+        f"Recipe `{summary['source']}`, {summary['max_steps']} optimizer steps per run, "
+        f"seeds {', '.join(map(str, seeds))}; device {summary['device']}, "
+        f"torch {summary['torch']}; written {summary['written']}.",
+    ]
+    if summary["overrides"]:
+        lines.append("Overrides for every run: " + " ".join(f"`{o}`" for o in summary["overrides"]))
+    lines += ["", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for label, texts, marks in rows:
+        cells = [f"**{t}**" if m else t for t, m in zip(texts, marks, strict=True)]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    every = summary["log_every"]
+    lines += [
+        "",
+        ("Mean ± std over the seeds; " if len(seeds) > 1 else "")
+        + "best value per column in bold (l1: lower is better; ssim, psnr, accuracy: higher). "
+        "Final: the last evaluation; best: the best evaluation of the run. Wall time: seconds "
+        "spent in training steps (evaluation excluded); s/step: median seconds per optimizer "
+        "step (the first step, which pays one-time costs, left out); × sum: relative to `sum`. "
+        "Conflict steps: share of "
+        + ("" if every == 1 else f"logged (every {every}) ")
+        + "steps whose lowest cosine between the raw per-loss gradients was below `weak`; "
+        "mean cos: the mean of that lowest cosine.",
+        "",
+        "## Entries",
+        "",
+    ]
+    for entry in summary["entries"]:
+        if entry["variant"]:
+            changes = ", ".join(f"`{o}`" for o in entry["overrides"])
+            lines.append(f"* `{entry['name']}`: variant, method `{entry['method']}`, {changes}")
+        else:
+            lines.append(f"* `{entry['name']}`: method `{entry['method']}`")
+    check = summary["data_check"]
+    lines += ["", "## Same data", ""]
+    if check["identical"]:
+        lines.append(
+            "Every entry of a seed saw the same first micro-batch (SHA-256 of images, masks "
+            "and targets): "
+            + ", ".join(
+                f"seed {s} `{next(iter(per.values()))[:12]}`"
+                for s, per in check["first_batch_sha256"].items()
+            )
+            + "."
+        )
+    else:
+        lines += [f"* {w}" for w in summary["warnings"]]
+    lines += [
+        "",
+        f"Curves: `tensorboard --logdir {summary['compare_dir']}` (Custom Scalars tab).",
+        "",
+    ]
+    return "\n".join(lines)

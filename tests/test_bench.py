@@ -1,0 +1,116 @@
+"""`gcond bench` on the tiny workload: exit code, the JSON report, and the recipe it measures."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gcond_cli.app import app
+from gcond_cli.bench import WORKLOADS, bench_losses, bench_recipe
+from gcond_cli.methods import method_unavailable
+
+TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
+runner = CliRunner()
+FAST = ["--steps", "2", "--warmup", "1"]
+
+
+def test_bench_reports_time_memory_and_ratios_of_every_method(tmp_path: Path) -> None:
+    methods = ["sum", "conductor", "conductor-stochastic", "pcgrad"]
+    out = tmp_path / "bench.json"
+    result = runner.invoke(
+        app,
+        ["bench", "--workload", "tiny", "--methods", ",".join(methods), *FAST, "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert report["torch"] and report["num_params"] > 0
+    assert (report["num_losses"], report["accumulation_steps"]) == (2, 2)
+    assert list(report["methods"]) == methods
+    for name in methods:
+        r = report["methods"][name]
+        assert "error" not in r, r
+        assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 2
+        assert r["accumulation_ms"] > 0 and r["optimizer_ms"] >= 0
+        assert r["time_ratio_to_sum"] > 0
+        assert r["peak_memory_bytes"] is not None  # Linux: the resident set can be read
+        assert r["memory_ratio_to_sum"] is not None and "memory_over_sum_bytes" in r
+    assert report["methods"]["sum"]["time_ratio_to_sum"] == pytest.approx(1.0)
+    assert report["methods"]["sum"]["resolution_ms"] == 0.0
+    conductor = report["methods"]["conductor"]
+    assert conductor["resolution_ms"] > 0 and conductor["backward_mode"] == "batched"
+    assert conductor["resolution_conflict_ms"] > 0
+    assert conductor["resolution_conflict_proj_iters"] >= 1  # the made-up gradients conflict
+    targets = {t["target"] for t in report["targets"]}
+    assert "conductor step ≤ 1.35 × sum" in targets
+    assert "conductor step ≤ pcgrad step" in targets
+    assert "step ms" in result.output and "targets" in result.output
+
+
+def test_bench_a_recipe_with_more_losses_and_micro_batches(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            str(TINY),
+            "model.dim=16",
+            "--methods",
+            "conductor",
+            "-k",
+            "3",
+            "-n",
+            "3",
+            *FAST,
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["sum", "conductor"]  # sum is always the baseline
+    assert report["losses"] == ["l1", "ssim", "mse"]
+    assert (report["num_losses"], report["accumulation_steps"]) == (3, 3)
+    assert report["recipe"]["model"]["dim"] == 16
+    assert report["recipe"]["data"]["dataset"] == "synthetic"
+
+
+def test_bench_refuses_bad_requests() -> None:
+    result = runner.invoke(app, ["bench", "--workload", "vit_mae_225"])
+    assert result.exit_code == 2 and "vit_mae_224" in result.output
+    result = runner.invoke(app, ["bench", "--workload", "tiny", "model.dimm=3"])
+    assert result.exit_code == 2 and "did you mean 'dim'" in result.output
+    if method_unavailable("cagrad"):
+        result = runner.invoke(app, ["bench", "--workload", "tiny", "--methods", "cagrad"])
+        assert result.exit_code == 2 and "cagrad" in result.output
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_every_workload_is_a_valid_recipe(name: str) -> None:
+    recipe = bench_recipe(None, ["device=cpu"], workload=name)
+    assert recipe.data.dataset == "synthetic"
+    assert recipe.data.train_samples >= recipe.data.micro_batch_size
+
+
+def test_issue_workload_sizes() -> None:
+    vit = bench_recipe(None, [], workload="vit_mae_224")
+    assert (vit.data.image_size, vit.model.patch_size, vit.model.dim, vit.model.depth) == (
+        224,
+        16,
+        384,
+        12,
+    )
+    assert vit.data.micro_batch_size == 32 and vit.conductor.accumulation_steps == 8
+    mobilenet = bench_recipe(None, [], workload="conv_mobilenet_128")
+    assert (mobilenet.model.backbone, mobilenet.data.image_size) == ("mobilenet_v3_small", 128)
+    assert mobilenet.data.micro_batch_size == 64
+    convnext = bench_recipe(None, [], workload="conv_convnext_128")
+    assert (convnext.model.backbone, convnext.data.micro_batch_size) == ("convnext_tiny", 32)
+
+
+def test_bench_losses() -> None:
+    losses = bench_losses(7, 16)
+    assert list(losses) == ["l1", "ssim", "mse", "l1_2", "ssim_2", "mse_2", "l1_3"]
+    assert losses["l1_2"]["masked_only"] and not losses["l1_3"]["masked_only"]
+    assert sum(spec["weight"] for spec in losses.values()) == pytest.approx(1.0)
