@@ -23,6 +23,11 @@ ZONES = ("weak", "main", "critical")
 # Without this slack a pair at cos = -1e-17 would count as a new conflict below weak = 0.
 COSINE_TOLERANCE = 1e-9
 
+# Norms read from ``T @ gram @ T.T`` carry an absolute error of ~1e-8·‖G‖ once a projection has
+# cancelled a gradient. A gradient below this fraction of the largest one is treated as vanished
+# (as one below eps is), so rounding noise is never "resolved" with a meaningless cosine.
+VANISHED_FRACTION = 1e-6
+
 Arbitrate = Callable[[int, int], int]
 """Given a conflicting pair (i, j), return the index of the winner (i or j)."""
 
@@ -125,6 +130,8 @@ def resolve_gram(
         return result
     arbitrate = arbitrate or _larger_norm_wins(gram0)
     budget = 2 * k if max_iters is None else max_iters
+    largest = float((t @ gram0 @ t.T).diagonal().clamp_min(0).max().sqrt())
+    eps = max(eps, VANISHED_FRACTION * largest)
     for _ in range(budget):
         current = t @ gram0 @ t.T
         pair = most_conflicting_pair(current, eps)

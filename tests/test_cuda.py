@@ -52,17 +52,20 @@ def count_syncs(method, steps: int = 2) -> int:
 
 
 def test_host_syncs_do_not_grow_with_micro_batches():
-    # Autograd's engine itself syncs in every backward, so compare with plain accumulation:
-    # the conductor's extra syncs per step must not depend on the number of micro-batches.
-    extra = {}
+    # Autograd's engine itself syncs in backward, so compare with plain accumulation: six more
+    # micro-batches may add no more syncs to the conductor than they add to plain accumulation.
+    counts = {}
     for n in (2, 8):
         model = net()
         losses = {"mse": mse, "l1": l1}
         lambdas = {"mse": 1.0, "l1": 1.0}
-        conductor = count_syncs(GradientConductor(model, losses, lambdas, n))
-        plain = count_syncs(SumMethod(model, losses, lambdas, n))
-        extra[n] = conductor - plain
-    assert extra[2] == extra[8], extra
+        counts[n] = (
+            count_syncs(GradientConductor(model, losses, lambdas, n)),
+            count_syncs(SumMethod(model, losses, lambdas, n)),
+        )
+    conductor_growth = counts[8][0] - counts[2][0]
+    plain_growth = counts[8][1] - counts[2][1]
+    assert conductor_growth <= plain_growth, counts
 
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
