@@ -441,15 +441,28 @@ _EXPECTED = {
 
 def _show(value: Any) -> str:
     """A value as the user would write it in YAML, shortened."""
-    if isinstance(value, bool) or value is None:
-        text = {True: "true", False: "false", None: "null"}[value]
-    elif isinstance(value, list | tuple):
-        text = "[" + ", ".join(_show(v) for v in value) + "]"
-    elif isinstance(value, dict):
-        text = "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
-    else:
-        text = repr(value)
+    text = _render(value, 81)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _render(value: Any, budget: int) -> str:
+    """YAML-like text of `value`, stopping once `budget` characters are written: YAML aliases
+    can make a small file hold a list of 9**9 items (an "alias bomb")."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, list | tuple):
+        items, opening, closing = ((None, v) for v in value), "[", "]"
+    elif isinstance(value, dict):
+        items, opening, closing = iter(value.items()), "{", "}"
+    else:
+        return repr(value)[:budget]
+    text = opening
+    for i, (key, item) in enumerate(items):
+        if len(text) >= budget:
+            break
+        text += (", " if i else "") + ("" if key is None else f"{key}: ")
+        text += _render(item, budget - len(text))
+    return text + closing
 
 
 def _dotted(path: Sequence[str | int]) -> str:
@@ -575,7 +588,12 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: Python tags are refused
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: Python tags are refused
+    except RecursionError:
+        raise yaml.YAMLError("values nested too deeply") from None
+    except ValueError as exc:  # int() of a number with thousands of digits
+        raise yaml.YAMLError(str(exc).split(";")[0]) from None
 
 
 def _apply_override(raw: dict, text: str) -> tuple[str, ...]:

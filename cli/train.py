@@ -307,9 +307,10 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 self.elapsed += seconds
                 self.step += 1
-                self._count_skips(stats)
                 if self.step % r.log.every == 0 or self.step == r.schedule.max_steps:
                     self.logger.log_step(self.step, stats, lr, self.samples_per_step / seconds)
+                # After logging: a step that stops the run is in its checkpoint, so in the metrics.
+                self._count_skips(stats)
                 last = self.step == r.schedule.max_steps
                 best = False
                 if self.step % r.eval.every == 0 or last:
@@ -352,8 +353,9 @@ class Trainer:
             raise TrainingStopped(
                 f"{self.consecutive_skipped} consecutive steps had non-finite gradients "
                 f"(max_skipped_steps = {self.recipe.max_skipped_steps}); stopped at step "
-                f"{self.step} with a checkpoint. Lower optimizer.lr, set clip_grad_norm or "
-                "precision: fp32, then --resume."
+                f"{self.step} with a checkpoint. Look at which loss went non-finite, then start "
+                "a new run with a lower optimizer.lr, clip_grad_norm or precision: fp32 "
+                "(--resume continues with the saved recipe and would fail the same way)."
             )
 
     def summary(self) -> dict[str, Any]:
