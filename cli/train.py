@@ -402,6 +402,14 @@ def _resume_recipe(run_dir: Path, given: Recipe) -> Recipe:
     return saved
 
 
+def _differences(given: Any, saved: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain recipe dicts."""
+    if isinstance(given, dict) and isinstance(saved, dict):
+        keys = sorted(set(given) | set(saved))
+        return [d for k in keys for d in _differences(given.get(k), saved.get(k), f"{prefix}{k}.")]
+    return [] if given == saved else [prefix.rstrip(".")]
+
+
 def _resume_checkpoint(run_dir: Path, recipe: Recipe) -> Path:
     """The checkpoint ``--resume`` continues from; a run stopped before its first one has none."""
     path = checkpoint_paths(run_dir).latest
@@ -440,9 +448,15 @@ def run_train(
     console = RunLogger(None, {}, 0, console=ctx.rank == 0, tensorboard=False)
     try:
         payload = None
+        ignored: list[str] = []
         if resume is not None:
             run_dir = Path(resume)
-            recipe = _resume_recipe(run_dir, recipe)
+            given, recipe = recipe, _resume_recipe(run_dir, recipe)
+            ignored = [
+                k
+                for k in _differences(recipe_to_dict(given), recipe_to_dict(recipe))
+                if k != "name"
+            ]
             payload = load_checkpoint(_resume_checkpoint(run_dir, recipe))
         # The recipe's device (of the resumed recipe, if any) picks the backend: NCCL or gloo.
         distributed.init(ctx, resolve_device(recipe.device).type)
@@ -470,6 +484,11 @@ def run_train(
         logger.start(trainer.step)
         logger.info(f"recipe {recipe_path}:\n{dump_recipe_yaml(recipe)}")
         logger.info(logger_msg)
+        if ignored:
+            logger.warn(
+                f"--resume continues with the run's saved {RECIPE_FILE}; these settings of the "
+                f"command line differ and are ignored: {', '.join(ignored)}"
+            )
         code = trainer.run()
         summary = trainer.summary()
         if code == EXIT_OK:

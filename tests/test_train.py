@@ -140,3 +140,20 @@ def test_other_methods_train_through_the_same_loop(tmp_path, method):
     assert code == 0, output
     summary = json.loads((tmp_path / "tiny" / method / "summary.json").read_text())
     assert summary["method"] == method
+
+
+def test_resume_says_which_command_line_settings_it_ignores(tmp_path, monkeypatch):
+    original = Trainer.train_step
+
+    def stop_at_once(self):
+        stats = original(self)
+        self.stop_signal = signal.SIGTERM
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_once)
+    code, _ = train(tmp_path, "--run-name", "r")
+    assert code == 130
+    monkeypatch.setattr(Trainer, "train_step", original)
+    code, output = train(tmp_path, "optimizer.lr=0.5", "--resume", str(tmp_path / "tiny" / "r"))
+    assert code == 0, output
+    assert "ignored: optimizer.lr" in output
