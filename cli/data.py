@@ -33,8 +33,19 @@ from torch import Tensor
 # the synthetic ones (colorwheel, checkerboard, logo, ...) because they are not photographs, and
 # "clock" because it is mostly motion blur.
 EMBEDDED_TRAIN_SOURCES: tuple[str, ...] = (
-    "astronaut", "chelsea", "immunohistochemistry", "hubble_deep_field", "retina",
-    "stereo_motorcycle", "camera", "brick", "grass", "moon", "text", "cell", "page",
+    "astronaut",
+    "chelsea",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "stereo_motorcycle",
+    "camera",
+    "brick",
+    "grass",
+    "moon",
+    "text",
+    "cell",
+    "page",
 )
 EMBEDDED_VAL_SOURCES: tuple[str, ...] = ("coffee", "rocket", "gravel", "coins")
 
@@ -96,11 +107,14 @@ def build_datasets(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
         "imagefolder": _imagefolder,
     }
     if cfg.dataset not in builders:
-        raise DatasetError(f"data.dataset: unknown dataset {cfg.dataset!r}; "
-                           f"expected one of {', '.join(builders)}")
+        raise DatasetError(
+            f"data.dataset: unknown dataset {cfg.dataset!r}; expected one of {', '.join(builders)}"
+        )
     if cfg.labels == "class" and cfg.dataset == "embedded":
-        raise DatasetError("data.labels: dataset 'embedded' has no class labels; "
-                           "use labels: rotation or labels: none")
+        raise DatasetError(
+            "data.labels: dataset 'embedded' has no class labels; "
+            "use labels: rotation or labels: none"
+        )
     return builders[cfg.dataset](cfg, seed)
 
 
@@ -119,8 +133,9 @@ def _skimage_photo(name: str) -> Tensor:
 
 def _resize(images: Tensor, size: int | tuple[int, int]) -> Tensor:
     """Antialiased bilinear resize of uint8 N×3×H×W images to `size`, back to uint8."""
-    out = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False,
-                        antialias=True)
+    out = F.interpolate(
+        images.float(), size=size, mode="bilinear", align_corners=False, antialias=True
+    )
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
@@ -136,14 +151,16 @@ def _cut_crops(sources: list[Tensor], count: int, side: int, generator: torch.Ge
         short = min(source.shape[-2:])
         if short < side:  # only for very large image_size: upsample the photograph once
             scale = side / short
-            source = _resize(source[None], (math.ceil(source.shape[-2] * scale),
-                                            math.ceil(source.shape[-1] * scale)))[0]
+            source = _resize(
+                source[None],
+                (math.ceil(source.shape[-2] * scale), math.ceil(source.shape[-1] * scale)),
+            )[0]
             short = min(source.shape[-2:])
         low, high = math.log(side), math.log(min(short, 4 * side))
         extent = int(math.exp(low + (high - low) * torch.rand((), generator=generator).item()))
         top = int(torch.randint(source.shape[-2] - extent + 1, (), generator=generator))
         left = int(torch.randint(source.shape[-1] - extent + 1, (), generator=generator))
-        crops[i] = _resize(source[None, :, top:top + extent, left:left + extent], side)[0]
+        crops[i] = _resize(source[None, :, top : top + extent, left : left + extent], side)[0]
     return crops
 
 
@@ -167,6 +184,7 @@ def synthetic_images(count: int, side: int, generator: torch.Generator) -> tuple
 
     Returns (uint8 count×3×side×side, int64 labels in [0, len(SYNTHETIC_CLASSES))).
     """
+
     def uniform(*shape: int, low: float = 0.0, high: float = 1.0) -> Tensor:
         return low + (high - low) * torch.rand(*shape, generator=generator)
 
@@ -214,10 +232,14 @@ def _torchvision_split(cls: Any, cfg: Any, pretty: str, **kwargs: Any) -> Any:
     try:
         return cls(str(root), download=cfg.download, **kwargs)
     except (RuntimeError, OSError) as error:
-        hint = ("set data.download: true to fetch it there, or data.root to where it already is"
-                if not cfg.download else f"the download failed: {error}")
-        raise DatasetError(f"data.dataset {cfg.dataset!r}: {pretty} not found under {root}; "
-                           f"{hint}") from error
+        hint = (
+            "set data.download: true to fetch it there, or data.root to where it already is"
+            if not cfg.download
+            else f"the download failed: {error}"
+        )
+        raise DatasetError(
+            f"data.dataset {cfg.dataset!r}: {pretty} not found under {root}; {hint}"
+        ) from error
 
 
 def _cifar10(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -227,7 +249,8 @@ def _cifar10(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
     def load(train: bool) -> tuple[Tensor, Tensor]:
         split = _torchvision_split(CIFAR10, cfg, "CIFAR-10", train=train)
         return torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(
-            split.targets, dtype=torch.int64)
+            split.targets, dtype=torch.int64
+        )
 
     train = ImageSet(*load(True), num_classes=10)
     return train, _val_subset(*load(False), cfg.val_samples)
@@ -250,17 +273,20 @@ def _load_folder(root: Path, side: int) -> tuple[Tensor, Tensor, list[str]]:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
-    transform = transforms.Compose([
-        transforms.Resize(side, antialias=True),
-        transforms.CenterCrop(side),
-        transforms.PILToTensor(),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(side, antialias=True),
+            transforms.CenterCrop(side),
+            transforms.PILToTensor(),
+        ]
+    )
     try:
         folder = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, NotADirectoryError) as error:
         raise DatasetError(
             f"data.root: no images found in {root} ({error}); expected one sub-folder per class, "
-            "e.g. root/cat/001.jpg, root/dog/002.png") from error
+            "e.g. root/cat/001.jpg, root/dog/002.png"
+        ) from error
     images = torch.stack([folder[i][0] for i in range(len(folder))])
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     return images, labels, folder.classes
@@ -274,8 +300,10 @@ def _imagefolder(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
     seed) and the rest is the training set.
     """
     if not cfg.root:
-        raise DatasetError("data.root: required for dataset 'imagefolder' "
-                           "(a directory with one sub-folder per class)")
+        raise DatasetError(
+            "data.root: required for dataset 'imagefolder' "
+            "(a directory with one sub-folder per class)"
+        )
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data.root: {root} is not a directory")
@@ -285,18 +313,23 @@ def _imagefolder(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
         train_images, train_labels, classes = _load_folder(root / "train", side)
         val_images, val_labels, val_classes = _load_folder(val_dirs[0], side)
         if val_classes != classes:
-            raise DatasetError(f"data.root: class folders differ between {root / 'train'} "
-                               f"and {val_dirs[0]}")
+            raise DatasetError(
+                f"data.root: class folders differ between {root / 'train'} and {val_dirs[0]}"
+            )
         val = _val_subset(val_images, val_labels, cfg.val_samples)
         return ImageSet(train_images, train_labels, len(classes)), val
     images, labels, classes = _load_folder(root, side)
     if images.shape[0] <= cfg.val_samples:
-        raise DatasetError(f"data.val_samples: {cfg.val_samples} held-out images leave none to "
-                           f"train on ({images.shape[0]} images in {root}); lower it")
+        raise DatasetError(
+            f"data.val_samples: {cfg.val_samples} held-out images leave none to "
+            f"train on ({images.shape[0]} images in {root}); lower it"
+        )
     order = torch.randperm(images.shape[0], generator=_generator(_VAL_KEY))
-    val_idx, train_idx = order[:cfg.val_samples], order[cfg.val_samples:]
-    return (ImageSet(images[train_idx], labels[train_idx], len(classes)),
-            ImageSet(images[val_idx], labels[val_idx], len(classes)))
+    val_idx, train_idx = order[: cfg.val_samples], order[cfg.val_samples :]
+    return (
+        ImageSet(images[train_idx], labels[train_idx], len(classes)),
+        ImageSet(images[val_idx], labels[val_idx], len(classes)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,9 +337,7 @@ def _imagefolder(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
 
 # RGB -> YIQ. A rotation of the IQ plane approximates torchvision's HSV hue shift with one 3×3
 # matrix per sample (exact HSV round trips would cost a dozen elementwise passes).
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114],
-                            [0.596, -0.274, -0.322],
-                            [0.211, -0.523, 0.312]])
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 def _hue_matrices(shift: Tensor) -> Tensor:
@@ -332,6 +363,7 @@ def _colour_jitter(images: Tensor, factors: Tensor, hue: Tensor, aug: Any) -> Te
     hue: B×3×3 colour matrices. Steps whose strength is 0 in the recipe are skipped (a static
     choice, not a data-dependent branch).
     """
+
     def per_sample(column: int) -> Tensor:
         return factors[:, column].view(-1, 1, 1, 1)
 
@@ -383,19 +415,29 @@ class DeviceDataProvider:
     cfg.labels != "none"; for "rotation" it is k in 0..3, the image rotated by k·90°)}.
     """
 
-    def __init__(self, train_set: ImageSet, cfg: Any, device: torch.device | str, seed: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        train_set: ImageSet,
+        cfg: Any,
+        device: torch.device | str,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         size = len(train_set)
         if size // world_size < 1:
-            raise DatasetError(f"data: {size} training samples cannot be split over "
-                               f"{world_size} processes")
+            raise DatasetError(
+                f"data: {size} training samples cannot be split over {world_size} processes"
+            )
         if size >= 2**24:  # indices travel as (exact) float32 in the packed copy
             raise DatasetError(f"data: {size} training samples exceed the provider's 2**24 limit")
         if cfg.labels == "class" and train_set.labels is None:
-            raise DatasetError("data.labels: this dataset has no class labels; "
-                               "use labels: rotation or labels: none")
+            raise DatasetError(
+                "data.labels: this dataset has no class labels; "
+                "use labels: rotation or labels: none"
+            )
         self.cfg = cfg
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -415,15 +457,20 @@ class DeviceDataProvider:
 
     def state_dict(self) -> dict[str, int]:
         """The position of the stream: plain ints, identical on every rank."""
-        return {"epoch": self.epoch, "position": self.position,
-                "micro_batches_served": self.micro_batches_served,
-                "num_samples": self.num_samples}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "micro_batches_served": self.micro_batches_served,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(f"data provider state is for {int(state['num_samples'])} training "
-                             f"samples, this dataset has {self.num_samples}; resume with the "
-                             "same data settings")
+            raise ValueError(
+                f"data provider state is for {int(state['num_samples'])} training "
+                f"samples, this dataset has {self.num_samples}; resume with the "
+                "same data settings"
+            )
         self.epoch = int(state["epoch"])
         self.position = min(int(state["position"]), self.shard_size)
         self.micro_batches_served = int(state["micro_batches_served"])
@@ -432,7 +479,7 @@ class DeviceDataProvider:
         if epoch != self._shard_epoch:
             generator = _generator(self.seed, "order", epoch)
             order = torch.randperm(self.num_samples, generator=generator)
-            self._shard = order[self.rank::self.world_size][:self.shard_size]
+            self._shard = order[self.rank :: self.world_size][: self.shard_size]
             self._shard_epoch = epoch
         return self._shard
 
@@ -443,7 +490,7 @@ class DeviceDataProvider:
             if self.position == self.shard_size:
                 self.epoch, self.position = self.epoch + 1, 0
             take = min(count, self.shard_size - self.position)
-            chunks.append(self._shard_of_epoch(self.epoch)[self.position:self.position + take])
+            chunks.append(self._shard_of_epoch(self.epoch)[self.position : self.position + take])
             self.position += take
             count -= take
         return torch.cat(chunks)
@@ -461,11 +508,14 @@ class DeviceDataProvider:
         centre_x, centre_y = (1 - width) * uniform(-1, 1), (1 - height) * uniform(-1, 1)
         flip_x = torch.where(torch.rand(count, generator=generator) < aug.hflip, -1.0, 1.0)
         flip_y = torch.where(torch.rand(count, generator=generator) < aug.vflip, -1.0, 1.0)
-        jitter = torch.stack([
-            uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness),
-            uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast),
-            uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation),
-        ], dim=1)
+        jitter = torch.stack(
+            [
+                uniform(max(0.0, 1 - aug.brightness), 1 + aug.brightness),
+                uniform(max(0.0, 1 - aug.contrast), 1 + aug.contrast),
+                uniform(max(0.0, 1 - aug.saturation), 1 + aug.saturation),
+            ],
+            dim=1,
+        )
         hue = _hue_matrices(uniform(-aug.hue, aug.hue))
         rotations = torch.randint(4, (count,), generator=generator)
         if self.cfg.labels != "rotation":
@@ -473,11 +523,22 @@ class DeviceDataProvider:
         # Output coordinate p (in [-1, 1]²) samples the source at diag(w·fx, h·fy)·R_k·p + centre:
         # crop, flip, then rotate by k·90°, all in one affine grid.
         scale = torch.diag_embed(torch.stack([width * flip_x, height * flip_y], dim=1))
-        theta = torch.cat([scale @ _rotation_matrices(rotations),
-                           torch.stack([centre_x, centre_y], dim=1).unsqueeze(-1)], dim=2)
+        theta = torch.cat(
+            [
+                scale @ _rotation_matrices(rotations),
+                torch.stack([centre_x, centre_y], dim=1).unsqueeze(-1),
+            ],
+            dim=2,
+        )
         masks = _random_patch_masks(count, self.grid, self.num_masked, generator)
-        return {"index": self._next_indices(count), "theta": theta, "jitter": jitter,
-                "hue": hue, "rotation": rotations, "mask": masks}
+        return {
+            "index": self._next_indices(count),
+            "theta": theta,
+            "jitter": jitter,
+            "hue": hue,
+            "rotation": rotations,
+            "mask": masks,
+        }
 
     def __call__(self) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
         cfg, count, size = self.cfg, self.cfg.micro_batch_size, self.cfg.image_size
@@ -497,12 +558,14 @@ class DeviceDataProvider:
         source = self.images[indices].float().div_(255)  # B×3×H0×W0, gathered on the device
         fine = size * self.supersample
         grid = F.affine_grid(theta, [count, 3, fine, fine], align_corners=False)
-        images = F.grid_sample(source, grid, mode="bilinear", padding_mode="border",
-                               align_corners=False)
+        images = F.grid_sample(
+            source, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
         if self.supersample > 1:
             images = F.avg_pool2d(images, self.supersample)
-        images = _colour_jitter(images.clamp(0, 1), fields["jitter"],
-                                fields["hue"].view(count, 3, 3), cfg.augment)
+        images = _colour_jitter(
+            images.clamp(0, 1), fields["jitter"], fields["hue"].view(count, 3, 3), cfg.augment
+        )
 
         target = {"image": images, "mask": pixel_mask(patch_mask, cfg.mask.patch_size)}
         if cfg.labels == "class":
@@ -513,26 +576,32 @@ class DeviceDataProvider:
         return (images, patch_mask), target
 
 
-def build_val_batches(val_set: ImageSet, cfg: Any, device: torch.device | str, seed: int,
-                      batch_size: int) -> list[tuple[tuple[Tensor, Tensor], dict[str, Tensor]]]:
+def build_val_batches(
+    val_set: ImageSet, cfg: Any, device: torch.device | str, seed: int, batch_size: int
+) -> list[tuple[tuple[Tensor, Tensor], dict[str, Tensor]]]:
     """Fixed validation batches on `device`: the largest centred square of every image resized to
     image_size (no augmentation), masks and rotation labels fixed by the seed."""
     size, count = cfg.image_size, len(val_set)
     height, width = val_set.images.shape[-2:]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    centred = val_set.images[:, :, top:top + side, left:left + side]
-    images = F.interpolate(centred.float(), size=size, mode="bilinear", align_corners=False,
-                           antialias=True).div_(255).clamp_(0, 1)
+    centred = val_set.images[:, :, top : top + side, left : left + side]
+    images = (
+        F.interpolate(
+            centred.float(), size=size, mode="bilinear", align_corners=False, antialias=True
+        )
+        .div_(255)
+        .clamp_(0, 1)
+    )
 
     generator = _generator(seed, "validation")
     grid = size // cfg.mask.patch_size
-    masks = _random_patch_masks(count, grid, num_masked_patches(cfg.mask.ratio, grid**2),
-                                generator)
+    masks = _random_patch_masks(count, grid, num_masked_patches(cfg.mask.ratio, grid**2), generator)
     labels = val_set.labels if cfg.labels == "class" else None
     if cfg.labels == "class" and labels is None:
-        raise DatasetError("data.labels: this dataset has no class labels; "
-                           "use labels: rotation or labels: none")
+        raise DatasetError(
+            "data.labels: this dataset has no class labels; use labels: rotation or labels: none"
+        )
     if cfg.labels == "rotation":
         labels = torch.randint(4, (count,), generator=generator)
         rotated = images
@@ -546,8 +615,7 @@ def build_val_batches(val_set: ImageSet, cfg: Any, device: torch.device | str, s
         part = slice(start, start + batch_size)
         batch_images = images[part].to(device)
         patch_mask = masks[part].to(device)
-        target = {"image": batch_images,
-                  "mask": pixel_mask(patch_mask, cfg.mask.patch_size)}
+        target = {"image": batch_images, "mask": pixel_mask(patch_mask, cfg.mask.patch_size)}
         if labels is not None:
             target["label"] = labels[part].to(device)
         batches.append(((batch_images, patch_mask), target))

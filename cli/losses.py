@@ -40,9 +40,11 @@ def build_loss(name: str, cfg: Any, data_cfg: Any) -> LossFn:
         return _pixel_loss(cfg.kind, cfg.masked_only)
     if cfg.kind == "ssim":
         if size < cfg.win_size:
-            raise ValueError(f"losses.{name}: ssim with win_size {cfg.win_size} needs "
-                             f"data.image_size >= {cfg.win_size}, got {size}; "
-                             f"lower losses.{name}.win_size")
+            raise ValueError(
+                f"losses.{name}: ssim with win_size {cfg.win_size} needs "
+                f"data.image_size >= {cfg.win_size}, got {size}; "
+                f"lower losses.{name}.win_size"
+            )
         return _ssim_loss(cfg.win_size, cfg.masked_only, multiscale=False)
     if cfg.kind == "ms_ssim":
         minimum = (cfg.win_size - 1) * 2**4  # four halvings, the window must fit the last scale
@@ -51,12 +53,15 @@ def build_loss(name: str, cfg: Any, data_cfg: Any) -> LossFn:
             raise ValueError(
                 f"losses.{name}: ms_ssim with win_size {cfg.win_size} needs data.image_size > "
                 f"{minimum}, got {size}; lower losses.{name}.win_size (3 needs > {smallest}) "
-                "or use kind: ssim")
+                "or use kind: ssim"
+            )
         return _ssim_loss(cfg.win_size, cfg.masked_only, multiscale=True)
     if cfg.kind == "cross_entropy":
         return _cross_entropy
-    raise ValueError(f"losses.{name}.kind: unknown loss {cfg.kind!r}; "
-                     "expected l1, mse, ssim, ms_ssim or cross_entropy")
+    raise ValueError(
+        f"losses.{name}.kind: unknown loss {cfg.kind!r}; "
+        "expected l1, mse, ssim, ms_ssim or cross_entropy"
+    )
 
 
 def _pixel_loss(kind: str, masked_only: bool) -> LossFn:
@@ -77,7 +82,7 @@ def _window(size: int, channels: int, device: torch.device) -> Tensor:
     """pytorch-msssim's Gaussian window (channels×1×1×size), built once per device: left to
     itself, the library builds it on the CPU and copies it to the device on every call."""
     coords = torch.arange(size, dtype=torch.float32) - size // 2
-    gauss = torch.exp(-coords**2 / (2 * _WIN_SIGMA**2))
+    gauss = torch.exp(-(coords**2) / (2 * _WIN_SIGMA**2))
     return (gauss / gauss.sum()).view(1, 1, 1, size).repeat(channels, 1, 1, 1).to(device)
 
 
@@ -139,8 +144,13 @@ def eval_metrics(output: dict[str, Tensor], target: dict[str, Tensor]) -> dict[s
         window = _window(win_size, image.shape[1], image.device)
         similarity = ssim(recon, image, data_range=1.0, size_average=False, win=window)
         psnr = -10 * torch.log10(mse.clamp(min=1e-10))
-        metrics = {"l1": l1.sum(), "mse": mse.sum(), "ssim": similarity.sum(), "psnr": psnr.sum(),
-                   "count": torch.full((), float(image.shape[0]), device=image.device)}
+        metrics = {
+            "l1": l1.sum(),
+            "mse": mse.sum(),
+            "ssim": similarity.sum(),
+            "psnr": psnr.sum(),
+            "count": torch.full((), float(image.shape[0]), device=image.device),
+        }
         if "logits" in output and "label" in target:
             correct = output["logits"].argmax(dim=1) == target["label"]
             metrics["accuracy"] = correct.float().sum()

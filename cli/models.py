@@ -23,8 +23,15 @@ from torch import Tensor, nn
 from .data import num_masked_patches, pixel_mask
 
 # torchvision classification families whose models expose a `.features` trunk.
-_TRUNK_FAMILIES = ("alexnet", "convnext", "densenet", "efficientnet", "mobilenet", "squeezenet",
-                   "vgg")
+_TRUNK_FAMILIES = (
+    "alexnet",
+    "convnext",
+    "densenet",
+    "efficientnet",
+    "mobilenet",
+    "squeezenet",
+    "vgg",
+)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,15 +40,26 @@ def build_model(cfg: Any, data_cfg: Any) -> nn.Module:
     """The model named by `cfg.name` (a ModelConfig), sized for `data_cfg` (a DataConfig)."""
     if cfg.name == "mae_vit":
         return MaskedAutoencoderViT(
-            image_size=data_cfg.image_size, patch_size=cfg.patch_size,
-            mask_ratio=data_cfg.mask.ratio, mask_patch_size=data_cfg.mask.patch_size,
-            dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-            decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
-            decoder_heads=cfg.decoder_heads, num_classes=cfg.num_classes)
+            image_size=data_cfg.image_size,
+            patch_size=cfg.patch_size,
+            mask_ratio=data_cfg.mask.ratio,
+            mask_patch_size=data_cfg.mask.patch_size,
+            dim=cfg.dim,
+            depth=cfg.depth,
+            heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            decoder_dim=cfg.decoder_dim,
+            decoder_depth=cfg.decoder_depth,
+            decoder_heads=cfg.decoder_heads,
+            num_classes=cfg.num_classes,
+        )
     if cfg.name == "masked_conv":
         return MaskedConvAutoencoder(
-            backbone=cfg.backbone, image_size=data_cfg.image_size,
-            decoder_dim=cfg.decoder_dim, num_classes=cfg.num_classes)
+            backbone=cfg.backbone,
+            image_size=data_cfg.image_size,
+            decoder_dim=cfg.decoder_dim,
+            num_classes=cfg.num_classes,
+        )
     raise ValueError(f"model.name: unknown model {cfg.name!r}; expected mae_vit or masked_conv")
 
 
@@ -55,8 +73,11 @@ def sincos_position_embedding(dim: int, grid: int) -> Tensor:
     if dim % 4:
         raise ValueError(f"position embedding needs a width divisible by 4, got {dim}")
     frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64),
+        torch.arange(grid, dtype=torch.float64),
+        indexing="ij",
+    )
 
     def encode(positions: Tensor) -> Tensor:
         angles = positions.reshape(-1, 1) * frequencies
@@ -102,38 +123,58 @@ class MaskedAutoencoderViT(nn.Module):
     guarantees it): the count is fixed at build time so the forward needs no host sync.
     """
 
-    def __init__(self, *, image_size: int, patch_size: int, mask_ratio: float,
-                 mask_patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: float,
-                 decoder_dim: int, decoder_depth: int, decoder_heads: int,
-                 num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        patch_size: int,
+        mask_ratio: float,
+        mask_patch_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        decoder_dim: int,
+        decoder_depth: int,
+        decoder_heads: int,
+        num_classes: int = 0,
+    ) -> None:
         super().__init__()
         if patch_size != mask_patch_size:
-            raise ValueError(f"model.patch_size ({patch_size}) must equal data.mask.patch_size "
-                             f"({mask_patch_size}) for mae_vit")
+            raise ValueError(
+                f"model.patch_size ({patch_size}) must equal data.mask.patch_size "
+                f"({mask_patch_size}) for mae_vit"
+            )
         if image_size % patch_size:
-            raise ValueError(f"data.image_size ({image_size}) must be a multiple of "
-                             f"model.patch_size ({patch_size})")
+            raise ValueError(
+                f"data.image_size ({image_size}) must be a multiple of "
+                f"model.patch_size ({patch_size})"
+            )
         self.patch_size = patch_size
         self.grid = image_size // patch_size
         num_patches = self.grid**2
         self.num_visible = num_patches - num_masked_patches(mask_ratio, num_patches)
         if self.num_visible < 1:
-            raise ValueError(f"data.mask.ratio {mask_ratio} masks all {num_patches} patches; "
-                             "lower it")
+            raise ValueError(
+                f"data.mask.ratio {mask_ratio} masks all {num_patches} patches; lower it"
+            )
 
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos_embed", sincos_position_embedding(dim, self.grid),
-                             persistent=False)
+        self.register_buffer(
+            "pos_embed", sincos_position_embedding(dim, self.grid), persistent=False
+        )
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
 
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed",
-                             sincos_position_embedding(decoder_dim, self.grid), persistent=False)
+        self.register_buffer(
+            "decoder_pos_embed", sincos_position_embedding(decoder_dim, self.grid), persistent=False
+        )
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth))
+            Block(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * 3)
         self._init_weights()
@@ -157,7 +198,7 @@ class MaskedAutoencoderViT(nn.Module):
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed  # B×L×D
         # A stable sort puts each sample's visible patches first, in raster order.
         order = torch.argsort(patch_mask.flatten(1).to(torch.uint8), dim=1, stable=True)
-        x = _gather_tokens(tokens, order[:, :self.num_visible])
+        x = _gather_tokens(tokens, order[:, : self.num_visible])
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
@@ -186,17 +227,29 @@ def _trunk(name: str) -> nn.Sequential:
     """`torchvision.models.get_model(name).features`, with errors that list valid names."""
     names = torchvision.models.list_models(module=torchvision.models)
     trunks = sorted(n for n in names if n.startswith(_TRUNK_FAMILIES))
-    examples = ", ".join(["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-                          "convnext_tiny", "densenet121", "vgg11"])
+    examples = ", ".join(
+        [
+            "mobilenet_v3_small",
+            "mobilenet_v3_large",
+            "efficientnet_b0",
+            "convnext_tiny",
+            "densenet121",
+            "vgg11",
+        ]
+    )
     if name not in names:
         close = difflib.get_close_matches(name, trunks, n=3)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-        raise ValueError(f"model.backbone: unknown torchvision model {name!r}; {hint}"
-                         f"valid backbones include {examples}")
+        raise ValueError(
+            f"model.backbone: unknown torchvision model {name!r}; {hint}"
+            f"valid backbones include {examples}"
+        )
     trunk = getattr(torchvision.models.get_model(name, weights=None), "features", None)
     if not isinstance(trunk, nn.Sequential):
-        raise ValueError(f"model.backbone: {name!r} has no `.features` trunk (e.g. resnets); "
-                         f"use one of {examples}")
+        raise ValueError(
+            f"model.backbone: {name!r} has no `.features` trunk (e.g. resnets); "
+            f"use one of {examples}"
+        )
     return trunk
 
 
@@ -209,14 +262,15 @@ class MaskedConvAutoencoder(nn.Module):
     In training mode BatchNorm in the trunk needs micro-batches of at least 2 images.
     """
 
-    def __init__(self, *, backbone: str, image_size: int, decoder_dim: int,
-                 num_classes: int = 0) -> None:
+    def __init__(
+        self, *, backbone: str, image_size: int, decoder_dim: int, num_classes: int = 0
+    ) -> None:
         super().__init__()
         self.trunk = _trunk(backbone)
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1),
-                             persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         # In normalised units: 0 is the dataset-mean colour.
         self.mask_colour = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
@@ -224,10 +278,12 @@ class MaskedConvAutoencoder(nn.Module):
         self.skip_at = skip_at
         self.bottleneck = nn.Conv2d(out_channels, decoder_dim, kernel_size=1)
         self.skip_proj = nn.ModuleList(
-            nn.Conv2d(c, decoder_dim, kernel_size=1) for c in reversed(skip_channels))
+            nn.Conv2d(c, decoder_dim, kernel_size=1) for c in reversed(skip_channels)
+        )
         self.refine = nn.ModuleList(
             nn.Sequential(nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1), nn.GELU())
-            for _ in skip_channels)
+            for _ in skip_channels
+        )
         self.pixels = nn.Conv2d(decoder_dim, 3, kernel_size=3, padding=1)
         self.head = nn.Linear(out_channels, num_classes) if num_classes > 0 else None
 
@@ -246,8 +302,10 @@ class MaskedConvAutoencoder(nn.Module):
                     skip_channels.append(x.shape[1])
                 x = y
         except RuntimeError as error:
-            raise ValueError(f"model.backbone: {backbone!r} cannot take {image_size}-px images "
-                             f"({error}); raise data.image_size or pick a smaller trunk") from error
+            raise ValueError(
+                f"model.backbone: {backbone!r} cannot take {image_size}-px images "
+                f"({error}); raise data.image_size or pick a smaller trunk"
+            ) from error
         self.trunk.train()
         return frozenset(skip_at), skip_channels, x.shape[1]
 
@@ -266,10 +324,8 @@ class MaskedConvAutoencoder(nn.Module):
             output["logits"] = self.head(x.mean(dim=(2, 3)))
 
         y = self.bottleneck(x)
-        for skip, project, refine in zip(reversed(skips), self.skip_proj, self.refine,
-                                         strict=True):
+        for skip, project, refine in zip(reversed(skips), self.skip_proj, self.refine, strict=True):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = refine(y + project(skip))
         output["recon"] = self.pixels(y)
         return output
-

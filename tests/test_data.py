@@ -19,10 +19,20 @@ from gcond_cli.recipe import DataConfig
 
 def data_cfg(**overrides: object) -> DataConfig:
     settings = {
-        "dataset": "synthetic", "image_size": 16, "micro_batch_size": 8, "train_samples": 32,
-        "val_samples": 12, "mask": {"ratio": 0.75, "patch_size": 4},
-        "augment": {"hflip": 0.5, "vflip": 0.5, "brightness": 0.2, "contrast": 0.2,
-                    "saturation": 0.2, "hue": 0.05},
+        "dataset": "synthetic",
+        "image_size": 16,
+        "micro_batch_size": 8,
+        "train_samples": 32,
+        "val_samples": 12,
+        "mask": {"ratio": 0.75, "patch_size": 4},
+        "augment": {
+            "hflip": 0.5,
+            "vflip": 0.5,
+            "brightness": 0.2,
+            "contrast": 0.2,
+            "saturation": 0.2,
+            "hue": 0.05,
+        },
     }
     settings.update(overrides)
     return DataConfig.model_validate(settings)
@@ -36,8 +46,13 @@ def synthetic() -> tuple[ImageSet, ImageSet]:
 def one_image_set() -> ImageSet:
     """A single textured image: any difference between samples comes from augmentation."""
     ramp = torch.linspace(0, 255, 32)
-    image = torch.stack([ramp.view(1, -1).expand(32, 32), ramp.view(-1, 1).expand(32, 32),
-                         (ramp.view(1, -1) * ramp.view(-1, 1) / 255).expand(32, 32)])
+    image = torch.stack(
+        [
+            ramp.view(1, -1).expand(32, 32),
+            ramp.view(-1, 1).expand(32, 32),
+            (ramp.view(1, -1) * ramp.view(-1, 1) / 255).expand(32, 32),
+        ]
+    )
     return ImageSet(image.round().to(torch.uint8).unsqueeze(0), torch.zeros(1, dtype=torch.int64))
 
 
@@ -93,8 +108,9 @@ def test_imagefolder_loads_classes_and_holds_out_validation(tmp_path):
         for i in range(5):
             colour = (40 * i, 200 * label, 90)
             Image.new("RGB", (40 + 7 * i, 30), colour).save(tmp_path / name / f"{i}.png")
-    train, val = build_datasets(data_cfg(dataset="imagefolder", root=str(tmp_path),
-                                         val_samples=3), seed=0)
+    train, val = build_datasets(
+        data_cfg(dataset="imagefolder", root=str(tmp_path), val_samples=3), seed=0
+    )
     assert train.images.shape == (7, 3, 32, 32) and val.images.shape == (3, 3, 32, 32)
     assert train.num_classes == 2
     assert sorted(train.labels.tolist() + val.labels.tolist()) == [0] * 5 + [1] * 5
@@ -131,8 +147,11 @@ def test_augmentation_is_drawn_per_sample():
 
 def test_full_crop_without_jitter_reproduces_the_image():
     image_set = one_image_set()
-    cfg = data_cfg(image_size=32, micro_batch_size=2,
-                   augment={"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0})
+    cfg = data_cfg(
+        image_size=32,
+        micro_batch_size=2,
+        augment={"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0},
+    )
     (images, _), _ = DeviceDataProvider(image_set, cfg, "cpu", seed=0)()
     expected = image_set.images.float() / 255
     torch.testing.assert_close(images, expected.expand(2, -1, -1, -1), atol=1e-5, rtol=0)
@@ -140,9 +159,17 @@ def test_full_crop_without_jitter_reproduces_the_image():
 
 def test_hue_and_saturation_keep_grey_images_grey():
     grey = ImageSet(one_image_set().images[:, :1].expand(1, 3, 32, 32).contiguous(), None)
-    cfg = data_cfg(image_size=32, micro_batch_size=4,
-                   augment={"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0,
-                            "saturation": 0.9, "hue": 0.5})
+    cfg = data_cfg(
+        image_size=32,
+        micro_batch_size=4,
+        augment={
+            "crop_scale": (1.0, 1.0),
+            "crop_ratio": (1.0, 1.0),
+            "hflip": 0.0,
+            "saturation": 0.9,
+            "hue": 0.5,
+        },
+    )
     (images, _), _ = DeviceDataProvider(grey, cfg, "cpu", seed=0)()
     expected = grey.images.float() / 255
     torch.testing.assert_close(images, expected.expand(4, -1, -1, -1), atol=1e-4, rtol=0)
@@ -150,14 +177,17 @@ def test_hue_and_saturation_keep_grey_images_grey():
 
 def test_rotation_labels_match_the_rotation():
     image_set = one_image_set()
-    cfg = data_cfg(image_size=32, micro_batch_size=16, labels="rotation",
-                   augment={"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0})
+    cfg = data_cfg(
+        image_size=32,
+        micro_batch_size=16,
+        labels="rotation",
+        augment={"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "hflip": 0.0},
+    )
     (images, _), target = DeviceDataProvider(image_set, cfg, "cpu", seed=0)()
     upright = image_set.images[0].float() / 255
     assert set(target["label"].tolist()) == {0, 1, 2, 3}
     for image, k in zip(images, target["label"].tolist(), strict=True):
-        torch.testing.assert_close(image, torch.rot90(upright, k, dims=(-2, -1)), atol=1e-5,
-                                   rtol=0)
+        torch.testing.assert_close(image, torch.rot90(upright, k, dims=(-2, -1)), atol=1e-5, rtol=0)
 
 
 def test_masks_have_exact_count_and_differ(synthetic: tuple[ImageSet, ImageSet]):
@@ -226,8 +256,10 @@ def test_state_dict_rejects_another_dataset(synthetic: tuple[ImageSet, ImageSet]
 
 def test_ranks_draw_disjoint_shards(synthetic: tuple[ImageSet, ImageSet]):
     cfg = data_cfg()
-    shards = [DeviceDataProvider(synthetic[0], cfg, "cpu", seed=0, rank=rank, world_size=2)
-              for rank in range(2)]
+    shards = [
+        DeviceDataProvider(synthetic[0], cfg, "cpu", seed=0, rank=rank, world_size=2)
+        for rank in range(2)
+    ]
     first, second = (torch.cat([p._next_indices(8) for _ in range(2)]) for p in shards)
     assert not set(first.tolist()) & set(second.tolist())
     (images_0, mask_0), _ = shards[0]()

@@ -24,8 +24,10 @@ def hand_made():
     return {"recon": recon}, {"image": image, "mask": mask}
 
 
-@pytest.mark.parametrize(("kind", "masked_only", "expected"), [
-    ("l1", False, 2.0), ("l1", True, 1.0), ("mse", False, 5.0), ("mse", True, 1.0)])
+@pytest.mark.parametrize(
+    ("kind", "masked_only", "expected"),
+    [("l1", False, 2.0), ("l1", True, 1.0), ("mse", False, 5.0), ("mse", True, 1.0)],
+)
 def test_pixel_losses_exact_values(kind: str, masked_only: bool, expected: float):
     output, target = hand_made()
     assert loss_fn(kind, masked_only=masked_only)(output, target).item() == expected
@@ -53,8 +55,7 @@ def test_ssim_of_identical_images_is_zero():
 
 def test_ssim_matches_pytorch_msssim():
     output, target = random_pair()
-    expected = 1 - pytorch_msssim.ssim(output["recon"], target["image"], data_range=1.0,
-                                       win_size=7)
+    expected = 1 - pytorch_msssim.ssim(output["recon"], target["image"], data_range=1.0, win_size=7)
     torch.testing.assert_close(loss_fn("ssim", win_size=7)(output, target), expected)
 
 
@@ -69,10 +70,12 @@ def test_masked_ssim_keeps_the_visible_pixels_of_the_target():
 
 def test_ms_ssim_matches_pytorch_msssim():
     output, target = random_pair(size=40)
-    expected = 1 - pytorch_msssim.ms_ssim(output["recon"], target["image"], data_range=1.0,
-                                          win_size=3)
-    torch.testing.assert_close(loss_fn("ms_ssim", image_size=40, win_size=3)(output, target),
-                               expected)
+    expected = 1 - pytorch_msssim.ms_ssim(
+        output["recon"], target["image"], data_range=1.0, win_size=3
+    )
+    torch.testing.assert_close(
+        loss_fn("ms_ssim", image_size=40, win_size=3)(output, target), expected
+    )
 
 
 def test_ms_ssim_too_small_names_the_loss_and_the_minimum():
@@ -82,16 +85,25 @@ def test_ms_ssim_too_small_names_the_loss_and_the_minimum():
         loss_fn("ssim", image_size=8)
 
 
-@pytest.mark.parametrize(("kind", "settings"), [
-    ("l1", {}), ("mse", {"masked_only": True}), ("ssim", {"win_size": 7}),
-    ("ssim", {"win_size": 7, "masked_only": True}), ("cross_entropy", {})])
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [
+        ("l1", {}),
+        ("mse", {"masked_only": True}),
+        ("ssim", {"win_size": 7}),
+        ("ssim", {"win_size": 7, "masked_only": True}),
+        ("cross_entropy", {}),
+    ],
+)
 def test_losses_return_fp32_under_bf16_autocast(kind: str, settings: dict):
     output, target = random_pair()
     weight = torch.randn(5, 3, requires_grad=True)
     target["label"] = torch.tensor([0, 4])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = {"recon": torch.nn.functional.conv2d(output["recon"], torch.eye(3).view(
-            3, 3, 1, 1)), "logits": target["image"].flatten(2).mean(2) @ weight.T}
+        output = {
+            "recon": torch.nn.functional.conv2d(output["recon"], torch.eye(3).view(3, 3, 1, 1)),
+            "logits": target["image"].flatten(2).mean(2) @ weight.T,
+        }
         assert output["recon"].dtype == torch.bfloat16
         loss = loss_fn(kind, **settings)(output, target)
     assert loss.dtype == torch.float32 and loss.ndim == 0 and math.isfinite(loss.item())

@@ -6,8 +6,16 @@ from gcond_cli.models import MaskedAutoencoderViT, build_model, sincos_position_
 from gcond_cli.recipe import DataConfig, ModelConfig
 
 DATA = DataConfig.model_validate({"image_size": 16, "mask": {"ratio": 0.75, "patch_size": 4}})
-TINY_VIT = {"name": "mae_vit", "patch_size": 4, "dim": 16, "depth": 1, "heads": 2,
-            "decoder_dim": 8, "decoder_depth": 1, "decoder_heads": 2}
+TINY_VIT = {
+    "name": "mae_vit",
+    "patch_size": 4,
+    "dim": 16,
+    "depth": 1,
+    "heads": 2,
+    "decoder_dim": 8,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+}
 
 
 def inputs(batch: int, size: int = 16, patch: int = 4, ratio: float = 0.75, seed: int = 0):
@@ -89,15 +97,18 @@ def test_mae_vit_gradients_reach_every_parameter():
 
 
 def two_losses(output: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    return torch.stack([(output["recon"] - images).abs().mean(),
-                        (output["recon"] - images).square().mean() + output["logits"].sum()])
+    return torch.stack(
+        [
+            (output["recon"] - images).abs().mean(),
+            (output["recon"] - images).square().mean() + output["logits"].sum(),
+        ]
+    )
 
 
 def assert_batched_backward_matches(model: torch.nn.Module, images, patch_mask):
     params = [p for p in model.parameters() if p.requires_grad]
     losses = two_losses(model(images, patch_mask), images)
-    batched = torch.autograd.grad(losses, params, grad_outputs=torch.eye(2),
-                                  is_grads_batched=True)
+    batched = torch.autograd.grad(losses, params, grad_outputs=torch.eye(2), is_grads_batched=True)
     for k in range(2):
         separate = torch.autograd.grad(two_losses(model(images, patch_mask), images)[k], params)
         for stacked, single in zip(batched, separate, strict=True):
