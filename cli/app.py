@@ -239,6 +239,15 @@ def bench(
     warmup: Annotated[
         int, typer.Option("--warmup", min=0, help="Untimed optimizer steps first.")
     ] = 3,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds",
+            min=1,
+            help="Methods take turns this many times (fresh model each); timings are medians "
+            "over rounds, so slow drift of a shared machine hits every method alike.",
+        ),
+    ] = 3,
     accumulation_steps: Annotated[
         int | None,
         typer.Option(
@@ -283,6 +292,7 @@ def bench(
             methods=methods,
             steps=steps,
             warmup=warmup,
+            rounds=rounds,
             accumulation_steps=accumulation_steps,
             losses=losses,
             dim=dim,

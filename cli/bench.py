@@ -403,6 +403,22 @@ def bench_method(
     return result
 
 
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's rounds as one result: the median of each timing over the rounds, the largest
+    peak memory, every step time."""
+    if any("error" in r for r in rounds):
+        return next(r for r in rounds if "error" in r)
+    merged = dict(rounds[0])
+    for key, value in rounds[0].items():
+        if key.endswith(("_ms", "_share")) and isinstance(value, float):
+            merged[key] = statistics.median(r[key] for r in rounds)
+    peaks = [r["peak_memory_bytes"] for r in rounds if r["peak_memory_bytes"] is not None]
+    merged["peak_memory_bytes"] = max(peaks) if peaks else None
+    merged["step_ms_all"] = [t for r in rounds for t in r["step_ms_all"]]
+    merged["step_ms_rounds"] = [r["step_ms"] for r in rounds]
+    return merged
+
+
 def add_ratios(results: dict[str, dict], num_losses: int, num_params: int) -> list[dict]:
     """Ratios of time and memory to ``sum`` in place; returns the issue's targets, checked."""
     base = results.get("sum")
@@ -478,6 +494,7 @@ def run_bench(
     methods: str | None = None,
     steps: int = 10,
     warmup: int = 3,
+    rounds: int = 3,
     accumulation_steps: int | None = None,
     losses: int | None = None,
     dim: int | None = None,
@@ -522,22 +539,28 @@ def run_bench(
     out.print(
         f"bench {resolved.name} on {_device_name(device)} ({device}), {precision}: "
         f"N={n} micro-batches of {resolved.data.micro_batch_size}, K={k} losses, "
-        f"{warmup} warm-up + {steps} timed steps per method",
+        f"{warmup} warm-up + {steps} timed steps per method and round, {rounds} rounds",
         markup=False,
     )
     # One untimed round first: the first method to run would otherwise pay the process's
     # one-time costs (library handles, kernel selection, allocator pools) in time and memory.
     bench_method("sum", resolved, pool, device, steps=1, warmup=max(warmup, 1))
-    results: dict[str, dict] = {}
-    for name in names:
-        out.print(f"  {name} ...", markup=False)
-        try:
-            results[name] = bench_method(name, resolved, pool, device, steps, warmup)
-        except (ValueError, RuntimeError) as exc:  # e.g. stochastic with N < K, out of memory
-            results[name] = {"method": name, "error": f"{type(exc).__name__}: {exc}"}
-            _error(out, f"{name}: {results[name]['error']}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    # Methods take turns, round after round: a shared machine's clocks and neighbours drift over
+    # a minute, and measured one after the other the ratios moved by up to 25 % between runs.
+    per_round: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names:
+            if per_round[name] and "error" in per_round[name][-1]:
+                continue
+            out.print(f"  round {r + 1}/{rounds}: {name} ...", markup=False)
+            try:
+                per_round[name].append(bench_method(name, resolved, pool, device, steps, warmup))
+            except (ValueError, RuntimeError) as exc:  # e.g. stochastic with N < K, OOM
+                per_round[name].append({"method": name, "error": f"{type(exc).__name__}: {exc}"})
+                _error(out, f"{name}: {per_round[name][-1]['error']}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    results = {name: merge_rounds(rs) for name, rs in per_round.items()}
     num_params = next((r["num_params"] for r in results.values() if "num_params" in r), 0)
     targets = add_ratios(results, k, num_params)
     report = {
@@ -558,6 +581,7 @@ def run_bench(
         "image_size": resolved.data.image_size,
         "steps": steps,
         "warmup": warmup,
+        "rounds": rounds,
         "data": f"{DATA_POOL} synthetic micro-batches on the device, cycled (not timed)",
         "memory": _MemoryMeter(device).kind,
         "methods": results,
@@ -598,7 +622,8 @@ def _print_report(out: Console, report: dict[str, Any]) -> None:
         title=f"gcond bench: {report['workload']}, P = {report['num_params']:,} parameters, "
         f"K = {report['num_losses']}, N = {report['accumulation_steps']}, "
         f"{report['precision']}, {report['device']['name']}, torch {report['torch']}",
-        caption=f"medians over {report['steps']} steps; memory: {report['memory']}",
+        caption=f"medians over {report['rounds']} rounds of {report['steps']} steps; "
+        f"memory: {report['memory']}",
     )
     for title in (
         "method",

@@ -12,7 +12,7 @@ from gcond_cli.methods import method_unavailable
 
 TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
 runner = CliRunner()
-FAST = ["--steps", "2", "--warmup", "1"]
+FAST = ["--steps", "2", "--warmup", "1", "--rounds", "1"]
 
 
 def test_bench_reports_time_memory_and_ratios_of_every_method(tmp_path: Path) -> None:
@@ -114,3 +114,17 @@ def test_bench_losses() -> None:
     assert list(losses) == ["l1", "ssim", "mse", "l1_2", "ssim_2", "mse_2", "l1_3"]
     assert losses["l1_2"]["masked_only"] and not losses["l1_3"]["masked_only"]
     assert sum(spec["weight"] for spec in losses.values()) == pytest.approx(1.0)
+
+
+def test_methods_take_turns_over_rounds_and_timings_are_medians_of_rounds(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--steps", "1", "--warmup", "0", "--rounds", "3", "--json", str(out)]
+    result = runner.invoke(app, ["bench", "-w", "tiny", "--methods", "sum,conductor", *args])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["rounds"] == 3
+    for r in report["methods"].values():
+        assert len(r["step_ms_rounds"]) == 3 and len(r["step_ms_all"]) == 3
+        assert r["step_ms"] == pytest.approx(sorted(r["step_ms_rounds"])[1])
+    order = [line.split(": ")[1] for line in result.output.splitlines() if "round " in line]
+    assert order[:4] == ["sum ...", "conductor ...", "sum ...", "conductor ..."]
