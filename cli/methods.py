@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gcond import GradientConductor, call_model, frozen_batchnorm
+from gcond import GradientConductor, autocast, call_model, frozen_batchnorm
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -210,11 +210,7 @@ class SumMethod:
         with frozen_batchnorm(self.model, self.freeze_bn):
             for i in range(n):
                 x, target = data_provider()
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.autocast_dtype or torch.float32,
-                    enabled=self.autocast_dtype is not None,
-                ):
+                with autocast(self.device, self.autocast_dtype):
                     output = call_model(self.model, x)
                     values = torch.stack(
                         [self.loss_fns[k](output, target).float() for k in self.loss_names]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gcond import call_model
+from gcond import autocast, call_model
 from gcond_cli import distributed
 from gcond_cli.checkpoint import (
     CheckpointError,
@@ -236,7 +236,7 @@ class Trainer:
         images: dict[str, torch.Tensor] = {}
         try:
             for x, target in self.val_batches:
-                with self._autocast():
+                with autocast(self.device, self.autocast_dtype):
                     output = call_model(self.model, x)
                 for key, value in eval_metrics(output, target).items():
                     totals[key] = totals.get(key, 0) + value
@@ -267,13 +267,6 @@ class Trainer:
         return better
 
     # ------------------------------------------------------------------ the loop
-
-    def _autocast(self):
-        return torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        )
 
     def _next_batch(self) -> Any:
         """One micro-batch; a failure names the provider (a bare I/O error would not)."""

@@ -8,7 +8,7 @@ copied into another project on its own.
 
 from ._arbitrator import Arbitrator
 from ._conductor import GradientConductor
-from ._model_io import call_model, frozen_batchnorm
+from ._model_io import autocast, call_model, frozen_batchnorm
 from ._resolution import (
     Resolution,
     cosine_matrix,
@@ -23,6 +23,7 @@ __all__ = [
     "Arbitrator",
     "GradientConductor",
     "Resolution",
+    "autocast",
     "call_model",
     "cosine_matrix",
     "frozen_batchnorm",

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import _validation as v
 from ._arbitrator import Arbitrator
-from ._model_io import call_model, frozen_batchnorm
+from ._model_io import autocast, call_model, frozen_batchnorm
 from ._momentum import Momentum, apply_trust_ratio_
 from ._resolution import ZONES, cosine_matrix, resolve_gram
 
@@ -322,11 +322,7 @@ class GradientConductor:
                 f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}"
             )
         x, target = batch
-        with torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
+        with autocast(self.device, self.autocast_dtype):
             output = call_model(self._module, x)
             losses = [self._loss(name, output, target) for name in self.loss_names]
         values = torch.stack([loss.float() for loss in losses])  # (K,)
