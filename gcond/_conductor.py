@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,14 +23,20 @@ DataProvider = Callable[[], Any]
 _STATE_FORMAT = "gcond.GradientConductor/1"
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_BACKWARD_CHOICES = ("auto", "batched", "sequential", "benchmark")
 
 
 class GradientConductor:
     """Replaces ``loss.backward()`` + gradient accumulation for several, possibly conflicting,
-    losses. See SPEC §1 for every parameter; ``per_loss_backward`` (``"auto"``, ``"batched"``,
-    ``"sequential"``) chooses how full mode gets K gradients from one forward: one batched
-    backward (``is_grads_batched``), or K backwards over the retained graph. ``"auto"`` tries the
-    batched one and falls back for good if the model has no batching rule.
+    losses. See SPEC §1 for every parameter. ``per_loss_backward`` chooses how full mode gets K
+    gradients from one forward: one batched backward (``"batched"``, ``is_grads_batched``) or K
+    backwards over the retained graph (``"sequential"``); both are exact and agree to rounding.
+    ``"auto"`` takes the batched one and falls back to sequential for good if it raises (no
+    batched backward for some op of the model). PyTorch's batched backward loops over the K rows
+    in every op without a batching rule (convolution, layer-norm, GELU and attention backwards
+    among them), so which way is faster depends on the model and the device; ``"benchmark"``
+    times both on the first micro-batch and keeps the faster, like
+    ``cudnn.benchmark``: fastest, but two runs may then differ in the last bits.
     """
 
     def __init__(
@@ -120,7 +126,7 @@ class GradientConductor:
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
         v.check_choice("grad_dtype", grad_dtype, _GRAD_DTYPES)
         v.check_choice("ddp_sync", ddp_sync, ("grads", "update", "none"))
-        v.check_choice("per_loss_backward", per_loss_backward, ("auto", "batched", "sequential"))
+        v.check_choice("per_loss_backward", per_loss_backward, _BACKWARD_CHOICES)
         if aggregator is not None and not callable(aggregator):
             raise TypeError(f"aggregator must be callable, got {aggregator!r}")
         v.check_real("eps", eps, low=0.0, low_open=True)
@@ -177,10 +183,8 @@ class GradientConductor:
         # momentum and the P-sized update that p.grad views point into.
         self._stacks = [torch.zeros(k, numel, dtype=grad_dtype, device=self.device) for _ in "ab"]
         self._stack_views = [self._views_of(s) for s in self._stacks]
-        self._stack_batched_views = [
-            _split_batched(s, self._numels, self._shapes) for s in self._stacks
-        ]
         self._current = 0
+        self._fresh = [False] * k  # rows not yet written this step (step() sets them)
         update_dtype = _common_dtype(self._params)
         self._update = torch.zeros(numel, dtype=update_dtype, device=self.device)
         self._update_views = _split(self._update, self._numels, self._shapes)
@@ -200,9 +204,16 @@ class GradientConductor:
         self._has_prev = False
         self._prev_norms = [0.0] * k
         self._step = 0  # non-skipped steps (t in the bias correction)
-        self._batched_ok: bool | None = {"auto": None, "batched": True, "sequential": False}[
-            per_loss_backward
-        ]
+        # Batched backward (True) or sequential (False); None until the first full-mode
+        # micro-batch decides ("auto" tries the batched one, "benchmark" times both).
+        self._batched_ok: bool | None = {
+            "auto": None,
+            "batched": True,
+            "sequential": False,
+            "benchmark": None,
+        }[per_loss_backward]
+        # Seconds of one micro-batch's per-loss backward each way, when "benchmark" timed them.
+        self.backward_timings: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -211,7 +222,8 @@ class GradientConductor:
         if not callable(data_provider):
             raise TypeError(f"data_provider must be callable, got {data_provider!r}")
         acc = self._stacks[self._current]
-        acc.zero_()
+        # No zeroing pass over the K×P stack: each row's first contribution of the step copies.
+        self._fresh = [True] * len(self.loss_names)
         self._loss_sums.zero_()
         with frozen_batchnorm(self._module, self.freeze_bn):
             for i in range(self.accumulation_steps):
@@ -241,6 +253,7 @@ class GradientConductor:
             "momentum": None if self._momentum.buffer is None else self._momentum.buffer.clone(),
             "arbitrator": self.arbitrator.state_dict(),
             "batched_backward": self._batched_ok,
+            "backward_timings": self.backward_timings,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -273,13 +286,17 @@ class GradientConductor:
         if momentum is not None and self._momentum.buffer is not None:
             self._momentum.buffer.copy_(momentum)
         self.arbitrator.load_state_dict(state["arbitrator"])
-        if self.per_loss_backward == "auto":
+        if self.per_loss_backward in ("auto", "benchmark"):
             self._batched_ok = state.get("batched_backward")
+            self.backward_timings = state.get("backward_timings")
 
     @property
     def backward_mode(self) -> str:
-        """How full mode currently gets per-loss gradients: ``batched`` or ``sequential``."""
-        return "sequential" if self._batched_ok is False else "batched"
+        """How full mode gets per-loss gradients: ``batched``, ``sequential``, or
+        ``per_loss_backward`` itself until the first full-mode micro-batch decides."""
+        return {None: self.per_loss_backward, True: "batched", False: "sequential"}[
+            self._batched_ok
+        ]
 
     def __repr__(self) -> str:
         args = {
@@ -322,22 +339,26 @@ class GradientConductor:
                 f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}"
             )
         x, target = batch
+        # Stochastic mode differentiates only the loss this micro-batch serves; the others are
+        # computed for the statistics alone, without recording a graph.
+        served = index % len(self.loss_names) if self.accumulation == "stochastic" else None
         with autocast(self.device, self.autocast_dtype):
             output = call_model(self._module, x)
-            losses = [self._loss(name, output, target) for name in self.loss_names]
+            losses = []
+            for j, name in enumerate(self.loss_names):
+                with torch.set_grad_enabled(served is None or served == j):
+                    losses.append(self._loss(name, output, target))
         values = torch.stack([loss.float() for loss in losses])  # (K,)
         self._loss_sums += values.detach()
         weighted = values * self._scales
         if self.scaler is not None:
             weighted = self.scaler.scale(weighted)
-        views = self._stack_views[self._current]
-        if self.accumulation == "stochastic":
-            k = index % len(self.loss_names)
-            self._add_grads(views[k], self._grads(weighted[k]))
+        if served is not None:
+            self._add_row(served, self._grads(weighted[served]))
         elif len(self.loss_names) == 1:
-            self._add_grads(views[0], self._grads(weighted[0]))
+            self._add_row(0, self._grads(weighted[0]))
         else:
-            self._backward_full(weighted, views)
+            self._backward_full(weighted)
 
     def _loss(self, name: str, output: Any, target: Any) -> torch.Tensor:
         loss = self.loss_fns[name](output, target)
@@ -355,52 +376,114 @@ class GradientConductor:
             scales.append(self.lambdas[name] / served)
         return torch.tensor(scales, dtype=torch.float32, device=self.device)
 
-    def _backward_full(self, weighted: torch.Tensor, views: list[list[torch.Tensor]]) -> None:
-        if self._batched_ok is not False:
+    def _backward_full(self, weighted: torch.Tensor) -> None:
+        if self._batched_ok is None and self.per_loss_backward == "benchmark":
+            self._choose_backward(weighted)
+        elif self._batched_ok is None:  # "auto": the batched one, unless it cannot run
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    grads = torch.autograd.grad(
-                        weighted,
-                        self._params,
-                        grad_outputs=self._eye,
-                        is_grads_batched=True,
-                        allow_unused=True,
-                        retain_graph=self._batched_ok is None,
-                    )
+                grads = self._batched_grads(weighted, retain=True)
             except RuntimeError:
-                if self._batched_ok:  # explicitly asked for batched: surface the error
-                    raise
                 self._batched_ok = False
+                self._backward_sequential(weighted, retain=False)
             else:
-                if self._batched_ok is None:
-                    # A missing batching rule makes PyTorch loop over the batch, slower than K
-                    # backwards; keep this micro-batch's (correct) result, switch for the rest.
-                    slow = any("batching rule" in str(w.message) for w in caught)
-                    self._batched_ok = not slow
-                for w in caught:
-                    if "batching rule" not in str(w.message):
-                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-                self._add_grads(self._stack_batched_views[self._current], grads)
-                return
+                self._batched_ok = True
+                self._add_batched(grads)
+        elif self._batched_ok:
+            self._add_batched(self._batched_grads(weighted, retain=False))
+        else:
+            self._backward_sequential(weighted, retain=False)
+
+    def _batched_grads(
+        self, weighted: torch.Tensor, retain: bool
+    ) -> tuple[torch.Tensor | None, ...]:
+        return torch.autograd.grad(
+            weighted,
+            self._params,
+            grad_outputs=self._eye,
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=retain,
+        )
+
+    def _backward_sequential(
+        self, weighted: torch.Tensor, retain: bool, accumulate: bool = True
+    ) -> None:
+        """K backwards over the retained graph (``accumulate=False`` only times them)."""
         last = len(self.loss_names) - 1
         for k in range(len(self.loss_names)):
-            self._add_grads(views[k], self._grads(weighted[k], retain=k < last))
+            grads = self._grads(weighted[k], retain=retain or k < last)
+            if accumulate:
+                self._add_row(k, grads)
+
+    def _choose_backward(self, weighted: torch.Tensor) -> None:
+        """``per_loss_backward="benchmark"``, first full-mode micro-batch: time both ways on its
+        graph, twice each (the first run of each pays one-time costs), and keep the faster for
+        good. This micro-batch is accumulated once."""
+        timings: dict[str, float] = {}
+        try:
+            times = []
+            for attempt in range(2):
+                start = self._clock()
+                grads = self._batched_grads(weighted, retain=True)
+                times.append(self._clock() - start)
+                if attempt == 0:
+                    self._add_batched(grads)
+                del grads
+            timings["batched"] = min(times)
+            accumulated = True
+        except RuntimeError:  # no batched backward for this model at all
+            timings["batched"] = math.inf
+            accumulated = False
+        times = []
+        for attempt in range(2):
+            keep = attempt == 0 and not accumulated
+            start = self._clock()
+            self._backward_sequential(weighted, retain=attempt == 0, accumulate=keep)
+            times.append(self._clock() - start)
+        timings["sequential"] = min(times)
+        if self.ddp_sync != "none" and _distributed(self._group):
+            # Every rank takes the same way: decided on the timings summed over the ranks.
+            both = torch.tensor([timings["batched"], timings["sequential"]], device=self.device)
+            dist.all_reduce(both, group=self._group)
+            timings = dict(zip(("batched", "sequential"), both.tolist(), strict=True))
+        self._batched_ok = timings["batched"] <= timings["sequential"]
+        self.backward_timings = timings
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _add_batched(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+        """Accumulate batched (K, *shape) gradients, row k into loss k's accumulator."""
+        for k in range(len(self.loss_names)):
+            self._add_row(k, [None if g is None else g[k] for g in grads])
+
+    def _add_row(self, k: int, grads: Sequence[torch.Tensor | None]) -> None:
+        """Accumulate one loss's gradients into its row of the stack. The row's first
+        contribution of a step is copied (and zeros where a parameter got no gradient), which
+        spares zeroing the K×P stack and one read of it each step."""
+        views = self._stack_views[self._current][k]
+        pairs = [(v, g) for v, g in zip(views, grads, strict=True) if g is not None]
+        if self._fresh[k]:
+            self._fresh[k] = False
+            missing = [v for v, g in zip(views, grads, strict=True) if g is None]
+            if missing:
+                torch._foreach_zero_(missing)
+            _foreach_into(pairs, copy=True)
+        else:
+            _foreach_into(pairs, copy=False)
 
     def _grads(self, loss: torch.Tensor, retain: bool = False) -> tuple[torch.Tensor | None, ...]:
         return torch.autograd.grad(loss, self._params, allow_unused=True, retain_graph=retain)
-
-    @staticmethod
-    def _add_grads(views: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> None:
-        pairs = [(a, g) for a, g in zip(views, grads, strict=True) if g is not None]
-        if pairs:
-            dst, src = zip(*pairs, strict=True)
-            torch._foreach_add_(list(dst), [g.to(dst[0].dtype) for g in src])
 
     # ------------------------------------------------------------------ resolution and write
 
     def _finish_step(self, acc: torch.Tensor) -> dict[str, float]:
         k = len(self.loss_names)
+        for row, fresh in enumerate(self._fresh):
+            if fresh:  # no micro-batch reached this loss (cannot happen with N >= K)
+                acc[row].zero_()
         prev = self._stacks[1 - self._current]
         unscale = self._inverse_loss_scale()
         if unscale is not None:
@@ -629,6 +712,23 @@ def _on_any_rank(flags: list[bool], group: Any, device: torch.device) -> list[bo
     return [v > 0 for v in votes.tolist()]
 
 
+def _foreach_into(pairs: list[tuple[torch.Tensor, torch.Tensor]], copy: bool) -> None:
+    """``dst = src`` or ``dst += src`` for every pair. Contiguous pairs go to one multi-tensor
+    kernel, the rest apart: a single strided tensor sends a whole foreach list down its slow
+    path (one kernel per tensor)."""
+    if not pairs:
+        return
+    dtype = pairs[0][0].dtype
+    dense = [(d, s) for d, s in pairs if s.is_contiguous()]
+    for group in (dense, [(d, s) for d, s in pairs if not s.is_contiguous()]):
+        if group:
+            dst, src = [d for d, _ in group], [s.to(dtype) for _, s in group]
+            if copy:
+                torch._foreach_copy_(dst, src)
+            else:
+                torch._foreach_add_(dst, src)
+
+
 def _gram(stack: torch.Tensor) -> torch.Tensor:
     """K×K Gram matrix of the rows of a K×P stack, in float32, from K(K+1)/2 dot products."""
     k = stack.shape[0]
@@ -647,14 +747,6 @@ def _split(
     flat: torch.Tensor, numels: list[int], shapes: list[tuple[int, ...]]
 ) -> list[torch.Tensor]:
     return [t.view(s) for t, s in zip(flat.split(numels), shapes, strict=True)]
-
-
-def _split_batched(
-    stack: torch.Tensor, numels: list[int], shapes: list[tuple[int, ...]]
-) -> list[torch.Tensor]:
-    """Per-parameter (K, *shape) views of a K×P stack, for batched gradients."""
-    k = stack.shape[0]
-    return [t.view(k, *s) for t, s in zip(stack.split(numels, dim=1), shapes, strict=True)]
 
 
 def _min_pairwise(cos: torch.Tensor, norms: list[float], eps: float) -> float:

@@ -202,6 +202,34 @@ def scenario_nan_on_one_rank(rank: int, ddp_sync: str) -> dict[str, Any]:
     return {"params": params, "skipped": skipped, "state_step": cond.state_dict()["step"]}
 
 
+def scenario_benchmark(rank: int) -> dict[str, Any]:
+    """``per_loss_backward="benchmark"`` with made-up timings that, alone, would send the two
+    ranks different ways (rank 0: batched, rank 1: sequential); summed, sequential wins."""
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    cond = GradientConductor(
+        ddp, loss_fns(), LAMBDAS, MICRO_BATCHES, ddp_sync="grads", per_loss_backward="benchmark"
+    )
+    cost = {"batched": 1.0, "sequential": 3.0} if rank == 0 else {"batched": 4.0, "sequential": 1.0}
+    now = [0.0]
+
+    def costing(fn: Callable[..., Any], way: str) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            now[0] += cost[way]
+            return fn(*args, **kwargs)
+
+        return run
+
+    cond._batched_grads = costing(cond._batched_grads, "batched")
+    cond._backward_sequential = costing(cond._backward_sequential, "sequential")
+    cond._clock = lambda: now[0]
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    result = train(cond, model, opt, rank, range(2))
+    result["mode"] = cond.backward_mode
+    result["timings"] = cond.backward_timings
+    return result
+
+
 def run(rank: int, out_dir: str) -> None:
     """Entry point for ``torch.multiprocessing.start_processes``."""
     torch.set_num_threads(1)
@@ -217,6 +245,7 @@ def run(rank: int, out_dir: str) -> None:
             "none": scenario_mode(rank, "none"),
             "nan_grads": scenario_nan_on_one_rank(rank, "grads"),
             "nan_update": scenario_nan_on_one_rank(rank, "update"),
+            "benchmark": scenario_benchmark(rank),
         }
         torch.save(results, out / f"rank{rank}.pt")
     finally:

@@ -348,8 +348,16 @@ def reference_grads(model, fn, data, scale):
     return torch.cat([t.flatten() for t in total])
 
 
-@pytest.mark.parametrize("per_loss_backward", ["batched", "sequential"])
-def test_full_mode_per_loss_gradients_match_separate_backwards(per_loss_backward):
+@pytest.mark.parametrize(
+    ("per_loss_backward", "mode"),
+    [
+        ("batched", "batched"),
+        ("sequential", "sequential"),
+        ("auto", "batched"),
+        ("benchmark", None),
+    ],
+)
+def test_full_mode_per_loss_gradients_match_separate_backwards(per_loss_backward, mode):
     torch.manual_seed(0)
     model = SmallNet()
     data = batches(3)
@@ -367,15 +375,209 @@ def test_full_mode_per_loss_gradients_match_separate_backwards(per_loss_backward
     raw = cond.state_dict()["prev_grads"]
     torch.testing.assert_close(raw[0], reference_grads(model, mse, data, 0.7 / 3))
     torch.testing.assert_close(raw[1], reference_grads(model, l1, data, 0.3 / 3))
-    assert cond.backward_mode == per_loss_backward
+    assert cond.backward_mode == (mode or cond.backward_mode)
+    assert cond.backward_mode in ("batched", "sequential")
 
 
-def test_auto_backward_uses_the_batched_path_when_it_works():
+class TransposedUse(nn.Module):
+    """``z`` enters transposed, so autograd hands back its gradient non-contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallNet()
+        self.z = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.z.t()
+
+
+@pytest.mark.parametrize("per_loss_backward", ["batched", "sequential"])
+def test_non_contiguous_gradients_are_accumulated_too(per_loss_backward):
+    torch.manual_seed(0)
+    model = TransposedUse()
+    data = [(torch.randn(4, 5), torch.randn(4, 3)) for _ in range(2)]
+    it = iter(data)
+    cond = GradientConductor(
+        model,
+        {"mse": mse, "l1": l1},
+        {"mse": 1.0, "l1": 1.0},
+        2,
+        per_loss_backward=per_loss_backward,
+    )
+    cond.step(lambda: next(it))
+    raw = cond.state_dict()["prev_grads"]
+    torch.testing.assert_close(raw[0], reference_grads(model, mse, data, 1.0 / 2))
+    torch.testing.assert_close(raw[1], reference_grads(model, l1, data, 1.0 / 2))
+
+
+class SkippablePart(nn.Module):
+    """⟨pa, x[:3]⟩ + ⟨pb, x[3:]⟩, the second term only while ``use_pb`` (a skipped branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pa = nn.Parameter(torch.zeros(3))
+        self.pb = nn.Parameter(torch.zeros(2))
+        self.use_pb = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = (self.pa * x[:3]).sum()
+        return out + (self.pb * x[3:]).sum() if self.use_pb else out
+
+
+@pytest.mark.parametrize("accumulation", ["full", "stochastic"])
+@pytest.mark.parametrize("per_loss_backward", ["batched", "sequential"])
+def test_a_parameter_no_loss_reaches_this_step_gets_exactly_zero_gradient(
+    accumulation, per_loss_backward
+):
+    # The two accumulator stacks take turns, so step 2 reuses step 0's: once the model skips pb,
+    # the accumulators must hold 0 there, not what they held two steps before.
+    model = SkippablePart()
+    cond = GradientConductor(
+        model,
+        {"a": lambda out, t: out, "b": lambda out, t: 2 * out},
+        {"a": 1.0, "b": 1.0},
+        2,
+        accumulation=accumulation,
+        per_loss_backward=per_loss_backward,
+    )
+    for step in range(4):
+        model.use_pb = step < 2
+        x = torch.arange(1.0, 6.0) * (step + 1)
+        cond.step(lambda x=x: (x, None))
+        raw = cond.state_dict()["prev_grads"]  # each loss: the mean over its micro-batches
+        expected = x.clone()
+        if not model.use_pb:
+            expected[3:] = 0.0
+        assert raw[0].tolist() == expected.tolist()
+        assert raw[1].tolist() == (2 * expected).tolist()
+
+
+class FakeClock:
+    """Stands in for ``GradientConductor._clock``: each timed backward takes ``seconds[way]``."""
+
+    def __init__(self, cond: GradientConductor, seconds: dict[str, float]) -> None:
+        self.now, self.seconds, self.calls = 0.0, seconds, 0
+        self.batched = cond._batched_grads
+        self.sequential = cond._backward_sequential
+        cond._batched_grads = self.timed(self.batched, "batched")
+        cond._backward_sequential = self.timed(self.sequential, "sequential")
+        cond._clock = self.clock
+
+    def timed(self, fn, way):
+        def run(*args, **kwargs):
+            self.now += self.seconds[way]
+            return fn(*args, **kwargs)
+
+        return run
+
+    def clock(self) -> float:
+        self.calls += 1
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("seconds", "chosen"),
+    [
+        ({"batched": 1.0, "sequential": 2.0}, "batched"),
+        ({"batched": 2.0, "sequential": 1.0}, "sequential"),
+    ],
+)
+def test_benchmark_backward_times_both_ways_once_and_keeps_the_faster(seconds, chosen):
+    torch.manual_seed(0)
     model = SmallNet()
-    data = iter(batches(2))
+    data = batches(6)
+    it = iter(data)
+    cond = GradientConductor(
+        model, {"mse": mse, "l1": l1}, {"mse": 0.7, "l1": 0.3}, 3, per_loss_backward="benchmark"
+    )
+    assert cond.backward_mode == "benchmark" and cond.backward_timings is None
+    clock = FakeClock(cond, seconds)
+    cond.step(lambda: next(it))
+    assert cond.backward_mode == chosen
+    assert cond.backward_timings == seconds
+    assert clock.calls == 8  # two runs each way, start and end, on the first micro-batch only
+    # The timed micro-batch is accumulated exactly once, whichever way wins.
+    raw = cond.state_dict()["prev_grads"]
+    torch.testing.assert_close(raw[0], reference_grads(model, mse, data[:3], 0.7 / 3))
+    torch.testing.assert_close(raw[1], reference_grads(model, l1, data[:3], 0.3 / 3))
+    cond.step(lambda: next(it))
+    assert clock.calls == 8  # decided for good
+    # The decision is part of the state, so a resumed run does not time again.
+    restored = GradientConductor(
+        SmallNet(),
+        {"mse": mse, "l1": l1},
+        {"mse": 0.7, "l1": 0.3},
+        3,
+        per_loss_backward="benchmark",
+    )
+    restored.load_state_dict(cond.state_dict())
+    assert restored.backward_mode == chosen and restored.backward_timings == seconds
+
+
+class NoBatchedBackward(torch.autograd.Function):
+    """Identity whose backward reads a value on the host: batched backward cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (1.0 + 0.0 * float(grad.sum().item()))
+
+
+def test_auto_backward_falls_back_to_sequential_when_batched_backward_raises():
+    torch.manual_seed(0)
+    net = SmallNet()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return NoBatchedBackward.apply(self.net(x))
+
+    model = Model()
+    data = batches(2)
+    it = iter(data)
     cond = GradientConductor(model, {"mse": mse, "l1": l1}, {"mse": 1.0, "l1": 1.0}, 2)
-    cond.step(lambda: next(data))
-    assert cond.backward_mode == "batched"
+    assert cond.backward_mode == "auto"
+    cond.step(lambda: next(it))
+    assert cond.backward_mode == "sequential" and cond.backward_timings is None
+    raw = cond.state_dict()["prev_grads"]  # the micro-batch that failed batched is not lost
+    torch.testing.assert_close(raw[0], reference_grads(model, mse, data, 1.0 / 2))
+    torch.testing.assert_close(raw[1], reference_grads(model, l1, data, 1.0 / 2))
+
+
+def test_benchmark_backward_falls_back_when_batched_backward_raises():
+    torch.manual_seed(0)
+    net = SmallNet()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return NoBatchedBackward.apply(self.net(x))
+
+    model = Model()
+    data = batches(2)
+    it = iter(data)
+    cond = GradientConductor(
+        model, {"mse": mse, "l1": l1}, {"mse": 1.0, "l1": 1.0}, 2, per_loss_backward="benchmark"
+    )
+    cond.step(lambda: next(it))
+    assert cond.backward_mode == "sequential"
+    assert cond.backward_timings["batched"] == math.inf
+    raw = cond.state_dict()["prev_grads"]
+    torch.testing.assert_close(raw[0], reference_grads(model, mse, data, 1.0 / 2))
+    torch.testing.assert_close(raw[1], reference_grads(model, l1, data, 1.0 / 2))
+    with pytest.raises(RuntimeError):  # asked for explicitly, the error is not hidden
+        GradientConductor(
+            model, {"mse": mse, "l1": l1}, {"mse": 1.0, "l1": 1.0}, 2, per_loss_backward="batched"
+        ).step(lambda: data[0])
 
 
 def test_stochastic_mode_serves_each_loss_its_own_micro_batches():
@@ -395,6 +597,29 @@ def test_stochastic_mode_serves_each_loss_its_own_micro_batches():
     with torch.no_grad():
         expected_l1 = sum(l1(model(x), y) for x, y in data) / 5
     assert stats["loss/l1"] == pytest.approx(float(expected_l1), rel=1e-6)
+
+
+def test_stochastic_mode_records_a_graph_only_for_the_served_loss():
+    calls = []
+
+    def recording(fn, name):
+        def loss(out, target):
+            calls.append((name, torch.is_grad_enabled()))
+            return fn(out, target)
+
+        return loss
+
+    data = iter(batches(4))
+    cond = GradientConductor(
+        SmallNet(),
+        {"mse": recording(mse, "mse"), "l1": recording(l1, "l1")},
+        {"mse": 1.0, "l1": 1.0},
+        4,
+        accumulation="stochastic",
+    )
+    cond.step(lambda: next(data))
+    # Micro-batches 0 and 2 serve mse, 1 and 3 serve l1; every loss is still computed on each.
+    assert calls == [("mse", True), ("l1", False), ("mse", False), ("l1", True)] * 2
 
 
 def test_one_loss_without_momentum_equals_plain_accumulation():

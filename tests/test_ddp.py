@@ -184,3 +184,18 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ranks, mode)
         assert torch.isfinite(result["params"][-1]).all()
     for a, b in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------- backward
+
+
+def test_benchmark_backward_is_decided_together_by_every_rank(ranks):
+    p = num_params()
+    for rank in ranks:
+        result = rank["benchmark"]
+        # Summed over the ranks: batched 1 + 4, sequential 3 + 1 seconds: sequential everywhere.
+        assert result["mode"] == "sequential"
+        assert result["timings"] == {"batched": 5.0, "sequential": 4.0}
+        # One extra collective of two numbers, on the first step only.
+        assert result["all_reduce"] == [[(2,), (K, p), (K,)], [(K, p), (K,)]]
+    assert torch.equal(ranks[0]["benchmark"]["params"][1], ranks[1]["benchmark"]["params"][1])
