@@ -97,6 +97,7 @@ def build_method(
             scaler=scaler,
             grad_dtype=GRAD_DTYPES[cfg.grad_dtype],
             ddp_sync=cfg.ddp_sync,
+            per_loss_backward=cfg.per_loss_backward,
             eps=cfg.eps,
         )
     raise ValueError(f"conductor.method: unknown method {name!r}; expected one of {METHODS}")

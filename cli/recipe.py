@@ -224,6 +224,9 @@ class ConductorConfig(_Section):
     freeze_bn: bool = True
     grad_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     ddp_sync: Literal["grads", "update", "none"] = "grads"
+    # full mode: one batched backward or K backwards over the retained graph ("auto": batched,
+    # sequential if it cannot run; "benchmark": times both on the first micro-batch)
+    per_loss_backward: Literal["auto", "batched", "sequential", "benchmark"] = "auto"
     eps: Positive = 1e-8
 
     @field_validator("conflict_thresholds")

@@ -166,6 +166,7 @@ class Trainer:
         )
         self.step = 0
         self.consecutive_skipped = 0
+        self._backward_logged = False
         self.best: float | None = None
         self.elapsed = 0.0  # training seconds across resumes
         self.samples_per_step = (
@@ -300,6 +301,8 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 self.elapsed += seconds
                 self.step += 1
+                if not self._backward_logged:
+                    self._log_backward_mode()
                 if self.step % r.log.every == 0 or self.step == r.schedule.max_steps:
                     self.logger.log_step(self.step, stats, lr, self.samples_per_step / seconds)
                 # After logging: a step that stops the run is in its checkpoint, so in the metrics.
@@ -327,6 +330,13 @@ class Trainer:
                     )
                     return EXIT_INTERRUPTED
         return EXIT_OK
+
+    def _log_backward_mode(self) -> None:
+        """Once, after the first step: how full mode gets its per-loss gradients."""
+        self._backward_logged = True
+        mode = backward_description(self.method)
+        if mode is not None:
+            self.logger.info(f"per-loss gradients: {mode}")
 
     def _count_skips(self, stats: dict[str, float]) -> None:
         if not stats["skipped"]:
@@ -361,7 +371,20 @@ class Trainer:
             "best": {self.recipe.checkpoint.best_metric: self.best},
             "device": str(self.device),
             "world_size": self.dist.world_size,
+            "per_loss_backward": backward_description(self.method),
         }
+
+
+def backward_description(method: Any) -> str | None:
+    """How a full-mode conductor gets K gradients from one forward, in words (None otherwise)."""
+    if getattr(method, "accumulation", None) != "full" or len(method.loss_names) < 2:
+        return None
+    text = f"{method.backward_mode} backward (per_loss_backward: {method.per_loss_backward}"
+    timings = method.backward_timings
+    if timings:
+        times = ", ".join(f"{way} {1000 * t:.1f} ms" for way, t in timings.items())
+        text += f"; first micro-batch: {times}"
+    return text + ")"
 
 
 @contextmanager

@@ -52,6 +52,10 @@ def test_train_writes_a_complete_run_directory(finished_run):
     assert [x["step"] for x in lines if x["kind"] == "eval"] == [2, 4]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4
+    # How the per-loss gradients were computed is said once and kept.
+    mode = "batched backward (per_loss_backward: auto)"
+    assert summary["per_loss_backward"] == mode
+    assert output.count(f"per-loss gradients: {mode}") == 1
     # The resolved recipe is printed at start and saved.
     assert "accumulation_steps: 2" in output and "run directory" in output
     assert "accumulation_steps: 2" in (run_dir / "recipe.yaml").read_text()
@@ -140,6 +144,17 @@ def test_other_methods_train_through_the_same_loop(tmp_path, method):
     assert code == 0, output
     summary = json.loads((tmp_path / "tiny" / method / "summary.json").read_text())
     assert summary["method"] == method
+    assert summary["per_loss_backward"] is None and "per-loss gradients" not in output
+
+
+def test_benchmark_backward_reports_its_timings(tmp_path):
+    run = ("conductor.per_loss_backward=benchmark", "schedule.max_steps=1", "--run-name", "b")
+    code, output = train(tmp_path, *run)
+    assert code == 0, output
+    mode = json.loads((tmp_path / "tiny" / "b" / "summary.json").read_text())["per_loss_backward"]
+    assert mode.split(" backward")[0] in ("batched", "sequential")
+    assert "per_loss_backward: benchmark; first micro-batch: batched " in mode
+    assert " ms, sequential " in mode and mode in output.replace("\n", "")
 
 
 def test_resume_says_which_command_line_settings_it_ignores(tmp_path, monkeypatch):
