@@ -17,20 +17,22 @@ loss at cosine ≈ -0.7 with the first), so its cost is known even when the real
 Data: a pool of a few synthetic micro-batches, prepared on the device before anything is timed
 and cycled, so loading and augmentation are not part of the step. Memory: on CUDA the peak of
 ``max_memory_allocated`` during the method's steps above what was allocated before the model
-was built; on the CPU the growth of the process's resident set, sampled every millisecond
-(approximate), or n/a where it cannot be read.
+was built; on the CPU the peak bytes of live tensor storage created from the model's
+construction through the warm-up steps, counted exactly by a dispatch mode that sees every
+operator's outputs (the process's resident set says little: freed memory stays mapped, and
+pages count only once written).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
-import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import gcond
 from gcond import GradientConductor
@@ -196,17 +200,78 @@ class _Clock:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive on ``device`` among the storages created while active, and
+    their peak: exact where no allocator statistics exist (the CPU). Every operator's outputs pass
+    through here (forward, autograd's backward, optimizer); a storage counts once however many
+    views share it, and stops counting when it is freed."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.current = self.peak = 0
+        self._live: dict[int, tuple[weakref.ref, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # An output sharing an input's storage (a view, an in-place or out= op) is no new
+        # allocation: counted only if that storage already is (one made before entering is not).
+        inputs = {id(s) for s in map(_storage, tree_leaves((args, kwargs))) if s is not None}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device == self.device:
+                self._track(t, inputs)
+        return out
+
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
+        storage = _storage(t)
+        if storage is None:
+            return
+        key, size = id(storage), storage.nbytes()
+        entry = self._live.get(key)
+        if (entry is None or entry[0]() is not storage) and key in inputs:
+            return
+        if entry is None or entry[0]() is not storage:
+            self._live[key] = (weakref.ref(storage, functools.partial(self._freed, key)), size)
+            self.current += size
+        elif entry[1] != size:  # resized in place
+            self._live[key] = (entry[0], size)
+            self.current += size - entry[1]
+        self.peak = max(self.peak, self.current)
+
+    def _freed(self, key: int, ref: weakref.ref) -> None:
+        entry = self._live.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._live[key]
+            self.current -= entry[1]
+
+
+def _storage(t: Any) -> torch.UntypedStorage | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return None
+
+
 class _MemoryMeter:
-    """Peak memory of what runs between ``start()`` and ``stop()``, above the level at start."""
+    """Peak memory from the model's construction through the warm-up steps (CPU) or through every
+    step (CUDA), above the level at ``start()``.
+
+    CUDA: ``max_memory_allocated``. CPU: :class:`LiveTensorBytes` (exact tensor bytes; it costs
+    Python time on every operator, so it watches only the untimed warm-up steps)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "n/a"
-        if device.type == "cpu" and _rss() is not None:
-            self.kind = "cpu resident set growth (sampled, approximate)"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._base = self._peak = 0
+        self.kind = (
+            "cuda max_memory_allocated"
+            if device.type == "cuda"
+            else "peak bytes of live tensor storage (exact), over model build and warm-up"
+        )
+        self._tracker: LiveTensorBytes | None = None
+        self._watching = False
+        self._base = 0
 
     def start(self) -> None:
         gc.collect()
@@ -215,47 +280,27 @@ class _MemoryMeter:
             torch.cuda.empty_cache()
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind != "n/a":
-            _malloc_trim()  # hand freed memory back, or the next method would reuse it unseen
-            self._base = self._peak = _rss() or 0
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        else:
+            self._tracker = LiveTensorBytes(self.device)
+            self._tracker.__enter__()
+            self._watching = True
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _rss() or 0)
-            time.sleep(0.001)
+    def end_warmup(self) -> None:
+        """CPU: stop watching, so the timed steps run without the tracker's overhead (also
+        called on the way out of an error)."""
+        if self._watching and self._tracker is not None:
+            self._watching = False
+            self._tracker.__exit__(None, None, None)
 
     def stop(self) -> int | None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self._base
-        if self._thread is None:
+        if self._tracker is None:
             return None
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
-        return max(self._peak - self._base, 0)
-
-
-def _rss() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _malloc_trim() -> None:
-    """Return the C heap's free memory to the system (glibc), so the resident set drops."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is not None:
-        trim(0)
+        self.end_warmup()
+        peak, self._tracker = self._tracker.peak, None
+        return peak
 
 
 def _sync(device: torch.device) -> None:
@@ -320,61 +365,69 @@ def bench_method(
     autocast_dtype, needs_scaler = resolve_precision(recipe.precision, device)
     memory = _MemoryMeter(device)
     memory.start()
-    torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, recipe.data).to(device)
-    loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
-    lambdas = {n: c.weight for n, c in recipe.losses.items()}
-    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
-    method = build_method(
-        recipe.conductor.model_copy(update={"method": name}),
-        model,
-        loss_fns,
-        lambdas,
-        autocast_dtype=autocast_dtype,
-        scaler=scaler if needs_scaler else None,
-    )
-    optimizer = build_optimizer(recipe.optimizer, model)
-    clock = _Clock(device)
-    finish = _instrument(method, clock)
-    cursor = iter(range(1 << 62))
+    try:
+        torch.manual_seed(recipe.seed)
+        model = build_model(recipe.model, recipe.data).to(device)
+        loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
+        lambdas = {n: c.weight for n, c in recipe.losses.items()}
+        scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+        method = build_method(
+            recipe.conductor.model_copy(update={"method": name}),
+            model,
+            loss_fns,
+            lambdas,
+            autocast_dtype=autocast_dtype,
+            scaler=scaler if needs_scaler else None,
+        )
+        optimizer = build_optimizer(recipe.optimizer, model)
+        clock = _Clock(device)
+        finish = _instrument(method, clock)
+        cursor = iter(range(1 << 62))
 
-    def provider() -> Any:
-        return pool[next(cursor) % len(pool)]
+        def provider() -> Any:
+            return pool[next(cursor) % len(pool)]
 
-    parts: dict[str, list[float]] = {
-        "step": [],
-        "accumulation": [],
-        "resolution": [],
-        "optimizer": [],
-    }
-    weak = recipe.conductor.conflict_thresholds[2]
-    cosines, iters = [], []
-    for i in range(warmup + steps):
-        _sync(device)
-        started = time.perf_counter()
-        clock.mark("start")
-        optimizer.zero_grad(set_to_none=True)
-        stats = method.step(provider)
-        clock.mark("method")
-        if recipe.clip_grad_norm is not None and not stats["skipped"]:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        clock.mark("end")
-        _sync(device)
-        if i < warmup:
-            continue
-        parts["step"].append(time.perf_counter() - started)
-        accumulated = "accumulated" if finish is not None else "method"
-        parts["accumulation"].append(clock.seconds("start", accumulated))
-        resolution = clock.seconds("accumulated", "finished") if finish is not None else 0.0
-        parts["resolution"].append(resolution)
-        parts["optimizer"].append(clock.seconds("method", "end"))
-        if "min_cosine_sim" in stats:
-            cosines.append(stats["min_cosine_sim"])
-            iters.append(stats.get("proj_iters", 0.0))
-    peak = memory.stop()
+        parts: dict[str, list[float]] = {
+            "step": [],
+            "accumulation": [],
+            "resolution": [],
+            "optimizer": [],
+        }
+        weak = recipe.conductor.conflict_thresholds[2]
+        cosines, iters = [], []
+        for i in range(warmup + steps):
+            if i == warmup:
+                memory.end_warmup()
+            _sync(device)
+            started = time.perf_counter()
+            clock.mark("start")
+            optimizer.zero_grad(set_to_none=True)
+            stats = method.step(provider)
+            clock.mark("method")
+            if recipe.clip_grad_norm is not None and not stats["skipped"]:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            clock.mark("end")
+            _sync(device)
+            if i < warmup:
+                continue
+            parts["step"].append(time.perf_counter() - started)
+            accumulated = "accumulated" if finish is not None else "method"
+            parts["accumulation"].append(clock.seconds("start", accumulated))
+            resolution = clock.seconds("accumulated", "finished") if finish is not None else 0.0
+            parts["resolution"].append(resolution)
+            parts["optimizer"].append(clock.seconds("method", "end"))
+            if "min_cosine_sim" in stats:
+                cosines.append(stats["min_cosine_sim"])
+                iters.append(stats.get("proj_iters", 0.0))
+
+        peak = memory.stop()
+    finally:
+        memory.end_warmup()
+    if device.type != "cuda" and warmup == 0:
+        peak = None  # the CPU's tracker watches warm-up steps only
 
     medians = {k: statistics.median(v) for k, v in parts.items()}
     result: dict[str, Any] = {

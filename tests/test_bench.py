@@ -4,10 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from gcond_cli.app import app
-from gcond_cli.bench import WORKLOADS, bench_losses, bench_recipe
+from gcond_cli.bench import WORKLOADS, LiveTensorBytes, bench_losses, bench_recipe
 from gcond_cli.methods import method_unavailable
 
 TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
@@ -34,14 +35,23 @@ def test_bench_reports_time_memory_and_ratios_of_every_method(tmp_path: Path) ->
         assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 2
         assert r["accumulation_ms"] > 0 and r["optimizer_ms"] >= 0
         assert r["time_ratio_to_sum"] > 0
-        assert r["peak_memory_bytes"] is not None  # Linux: the resident set can be read
+        assert r["peak_memory_bytes"] > 0
         assert r["memory_ratio_to_sum"] is not None and "memory_over_sum_bytes" in r
     assert report["methods"]["sum"]["time_ratio_to_sum"] == pytest.approx(1.0)
     assert report["methods"]["sum"]["resolution_ms"] == 0.0
     conductor = report["methods"]["conductor"]
-    assert conductor["resolution_ms"] > 0 and conductor["backward_mode"] == "batched"
+    assert conductor["resolution_ms"] > 0
+    assert conductor["backward_mode"] == "batched"  # "auto"
     assert conductor["resolution_conflict_ms"] > 0
     assert conductor["resolution_conflict_proj_iters"] >= 1  # the made-up gradients conflict
+    # CPU memory is counted exactly: the conductor's extra over plain accumulation is its 2K
+    # accumulators (+ the update buffer), inside the budget of (2K + 2)·P·4 B + 5 %.
+    k, p = report["num_losses"], report["num_params"]
+    for name in ("conductor", "conductor-stochastic"):
+        extra = report["methods"][name]["memory_over_sum_bytes"]
+        base = report["methods"]["sum"]["peak_memory_bytes"]
+        assert 2 * k * p * 4 * 0.9 <= extra <= (2 * k + 2) * p * 4 + 0.05 * base, (name, extra)
+    assert report["methods"]["conductor"]["memory_over_sum_bytes"] >= 2 * k * p * 4
     targets = {t["target"] for t in report["targets"]}
     assert "conductor step ≤ 1.35 × sum" in targets
     assert "conductor step ≤ pcgrad step" in targets
@@ -128,3 +138,24 @@ def test_methods_take_turns_over_rounds_and_timings_are_medians_of_rounds(tmp_pa
         assert r["step_ms"] == pytest.approx(sorted(r["step_ms_rounds"])[1])
     order = [line.split(": ")[1] for line in result.output.splitlines() if "round " in line]
     assert order[:4] == ["sum ...", "conductor ...", "sum ...", "conductor ..."]
+
+
+def test_live_tensor_bytes_counts_storages_once_and_forgets_freed_ones() -> None:
+    meter = LiveTensorBytes(torch.device("cpu"))
+    before = torch.ones(10_000)  # made before: not counted
+    with meter:
+        a = torch.zeros(1000)  # 4,000 B
+        view = a.view(10, 100)  # a view: no new storage
+        b = torch.ones(500, dtype=torch.float64)  # 4,000 B
+        assert (meter.current, meter.peak) == (8000, 8000)
+        del a, view
+        assert meter.current == 4000  # freed once its last view is gone
+        b.resize_(1000)  # grown in place to 8,000 B
+        assert (meter.current, meter.peak) == (8000, 8000)
+        del b
+        w = torch.zeros(1000, requires_grad=True)
+        (w * 2 + before[:1000]).sum().backward()  # backward's allocations are seen too
+        assert w.grad is not None and meter.current == 8000  # w and w.grad
+        assert meter.peak >= 12000  # w * 2 alive with w during the forward
+    del w
+    assert meter.current == 0
