@@ -348,6 +348,18 @@ def reference_grads(model, fn, data, scale):
     return torch.cat([t.flatten() for t in total])
 
 
+class TransposedUse(nn.Module):
+    """``z`` enters transposed, so autograd hands back its gradient non-contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallNet()
+        self.z = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.z.t()
+
+
 @pytest.mark.parametrize(
     ("per_loss_backward", "mode"),
     [
@@ -357,9 +369,10 @@ def reference_grads(model, fn, data, scale):
         ("benchmark", None),
     ],
 )
-def test_full_mode_per_loss_gradients_match_separate_backwards(per_loss_backward, mode):
+@pytest.mark.parametrize("net", ["SmallNet", "TransposedUse"])
+def test_full_mode_per_loss_gradients_match_separate_backwards(per_loss_backward, mode, net):
     torch.manual_seed(0)
-    model = SmallNet()
+    model = {"SmallNet": SmallNet, "TransposedUse": TransposedUse}[net]()
     data = batches(3)
     it = iter(data)
     cond = GradientConductor(
@@ -377,37 +390,6 @@ def test_full_mode_per_loss_gradients_match_separate_backwards(per_loss_backward
     torch.testing.assert_close(raw[1], reference_grads(model, l1, data, 0.3 / 3))
     assert cond.backward_mode == (mode or cond.backward_mode)
     assert cond.backward_mode in ("batched", "sequential")
-
-
-class TransposedUse(nn.Module):
-    """``z`` enters transposed, so autograd hands back its gradient non-contiguous."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = SmallNet()
-        self.z = nn.Parameter(torch.randn(3, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) * self.z.t()
-
-
-@pytest.mark.parametrize("per_loss_backward", ["batched", "sequential"])
-def test_non_contiguous_gradients_are_accumulated_too(per_loss_backward):
-    torch.manual_seed(0)
-    model = TransposedUse()
-    data = [(torch.randn(4, 5), torch.randn(4, 3)) for _ in range(2)]
-    it = iter(data)
-    cond = GradientConductor(
-        model,
-        {"mse": mse, "l1": l1},
-        {"mse": 1.0, "l1": 1.0},
-        2,
-        per_loss_backward=per_loss_backward,
-    )
-    cond.step(lambda: next(it))
-    raw = cond.state_dict()["prev_grads"]
-    torch.testing.assert_close(raw[0], reference_grads(model, mse, data, 1.0 / 2))
-    torch.testing.assert_close(raw[1], reference_grads(model, l1, data, 1.0 / 2))
 
 
 class SkippablePart(nn.Module):
@@ -526,58 +508,34 @@ class NoBatchedBackward(torch.autograd.Function):
         return grad * (1.0 + 0.0 * float(grad.sum().item()))
 
 
-def test_auto_backward_falls_back_to_sequential_when_batched_backward_raises():
+class NoBatchedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallNet()
+
+    def forward(self, x):
+        return NoBatchedBackward.apply(self.net(x))
+
+
+@pytest.mark.parametrize("per_loss_backward", ["auto", "benchmark"])
+def test_backward_falls_back_to_sequential_when_batched_backward_raises(per_loss_backward):
     torch.manual_seed(0)
-    net = SmallNet()
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return NoBatchedBackward.apply(self.net(x))
-
-    model = Model()
+    model = NoBatchedModel()
     data = batches(2)
     it = iter(data)
-    cond = GradientConductor(model, {"mse": mse, "l1": l1}, {"mse": 1.0, "l1": 1.0}, 2)
-    assert cond.backward_mode == "auto"
+    losses, lambdas = {"mse": mse, "l1": l1}, {"mse": 1.0, "l1": 1.0}
+    cond = GradientConductor(model, losses, lambdas, 2, per_loss_backward=per_loss_backward)
+    assert cond.backward_mode == per_loss_backward
     cond.step(lambda: next(it))
-    assert cond.backward_mode == "sequential" and cond.backward_timings is None
+    assert cond.backward_mode == "sequential"
+    timings = cond.backward_timings
+    assert timings is None if per_loss_backward == "auto" else timings["batched"] == math.inf
     raw = cond.state_dict()["prev_grads"]  # the micro-batch that failed batched is not lost
     torch.testing.assert_close(raw[0], reference_grads(model, mse, data, 1.0 / 2))
     torch.testing.assert_close(raw[1], reference_grads(model, l1, data, 1.0 / 2))
-
-
-def test_benchmark_backward_falls_back_when_batched_backward_raises():
-    torch.manual_seed(0)
-    net = SmallNet()
-
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return NoBatchedBackward.apply(self.net(x))
-
-    model = Model()
-    data = batches(2)
-    it = iter(data)
-    cond = GradientConductor(
-        model, {"mse": mse, "l1": l1}, {"mse": 1.0, "l1": 1.0}, 2, per_loss_backward="benchmark"
-    )
-    cond.step(lambda: next(it))
-    assert cond.backward_mode == "sequential"
-    assert cond.backward_timings["batched"] == math.inf
-    raw = cond.state_dict()["prev_grads"]
-    torch.testing.assert_close(raw[0], reference_grads(model, mse, data, 1.0 / 2))
-    torch.testing.assert_close(raw[1], reference_grads(model, l1, data, 1.0 / 2))
     with pytest.raises(RuntimeError):  # asked for explicitly, the error is not hidden
-        GradientConductor(
-            model, {"mse": mse, "l1": l1}, {"mse": 1.0, "l1": 1.0}, 2, per_loss_backward="batched"
-        ).step(lambda: data[0])
+        batched = GradientConductor(model, losses, lambdas, 2, per_loss_backward="batched")
+        batched.step(lambda: data[0])
 
 
 def test_stochastic_mode_serves_each_loss_its_own_micro_batches():
