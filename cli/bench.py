@@ -600,9 +600,11 @@ def run_bench(
     bench_method("sum", resolved, pool, device, steps=1, warmup=max(warmup, 1))
     # Methods take turns, round after round: a shared machine's clocks and neighbours drift over
     # a minute, and measured one after the other the ratios moved by up to 25 % between runs.
+    # The order rotates each round: on a CPU the method run right after ``sum`` was measured
+    # 6-8 % slower than the same work run later (the heap grows back), whichever method it was.
     per_round: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if per_round[name] and "error" in per_round[name][-1]:
                 continue
             out.print(f"  round {r + 1}/{rounds}: {name} ...", markup=False)
