@@ -440,7 +440,11 @@ def bench_method(
         "resolution_share": medians["resolution"] / medians["step"],
         "peak_memory_bytes": peak,
         "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "backward_mode": getattr(method, "backward_mode", "one backward per micro-batch"),
+        "backward_mode": (
+            method.backward_mode
+            if getattr(method, "accumulation", None) == "full" and len(method.loss_names) > 1
+            else "one backward per micro-batch"
+        ),
         "conflict_steps": sum(c < weak for c in cosines) if cosines else None,
         "proj_iters_mean": statistics.fmean(iters) if iters else None,
     }

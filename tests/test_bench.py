@@ -42,6 +42,8 @@ def test_bench_reports_time_memory_and_ratios_of_every_method(tmp_path: Path) ->
     conductor = report["methods"]["conductor"]
     assert conductor["resolution_ms"] > 0
     assert conductor["backward_mode"] == "batched"  # "auto"
+    stochastic = report["methods"]["conductor-stochastic"]["backward_mode"]
+    assert stochastic == report["methods"]["sum"]["backward_mode"] == "one backward per micro-batch"
     assert conductor["resolution_conflict_ms"] > 0
     assert conductor["resolution_conflict_proj_iters"] >= 1  # the made-up gradients conflict
     # CPU memory is counted exactly: the conductor's extra over plain accumulation is its 2K
