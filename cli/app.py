@@ -237,15 +237,22 @@ def bench(
     ] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed optimizer steps.")] = 10,
     warmup: Annotated[
-        int, typer.Option("--warmup", min=0, help="Untimed optimizer steps first.")
+        int,
+        typer.Option(
+            "--warmup",
+            min=0,
+            help="Untimed optimizer steps first (peak memory is measured over build and "
+            "warm-up: 0 leaves it unmeasured).",
+        ),
     ] = 3,
     rounds: Annotated[
         int,
         typer.Option(
             "--rounds",
             min=1,
-            help="Methods take turns this many times (fresh model each); timings are medians "
-            "over rounds, so slow drift of a shared machine hits every method alike.",
+            help="Rounds of fresh models; in each, the methods' timed steps run in turn, one "
+            "step of each at a time, so drift of a shared machine hits every method alike. "
+            "Timings are medians over rounds.",
         ),
     ] = 3,
     accumulation_steps: Annotated[

@@ -1,8 +1,10 @@
 """``gcond bench``: what each method costs per optimizer step on this device, against ``sum``.
 
 Every method trains the same model (same initial weights) on the same micro-batches with the
-same optimizer, one after the other in this process: warm-up steps, then timed steps, each
-step bracketed by a device synchronisation. A step is split into
+same optimizer, in this process. Each round builds every method afresh and warms it up alone
+(its memory is measured then), then times the methods' optimizer steps in turn, one step of each
+at a time, the order rotating each step, each step bracketed by a device synchronisation; every
+method is alive during the timed phase. A step is split into
 
 * accumulation: the forwards and backwards of the N micro-batches (for ``sum``: its whole
   ``step()``, including its one host sync);
@@ -358,106 +360,144 @@ def _conflict_timing(
     }
 
 
-def bench_method(
-    name: str, recipe: Recipe, pool: list[Any], device: torch.device, steps: int, warmup: int
-) -> dict[str, Any]:
-    """Build ``name`` on a fresh model and time ``warmup`` + ``steps`` optimizer steps."""
-    autocast_dtype, needs_scaler = resolve_precision(recipe.precision, device)
-    memory = _MemoryMeter(device)
-    memory.start()
-    try:
-        torch.manual_seed(recipe.seed)
-        model = build_model(recipe.model, recipe.data).to(device)
-        loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
-        lambdas = {n: c.weight for n, c in recipe.losses.items()}
-        scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
-        method = build_method(
-            recipe.conductor.model_copy(update={"method": name}),
-            model,
-            loss_fns,
-            lambdas,
-            autocast_dtype=autocast_dtype,
-            scaler=scaler if needs_scaler else None,
-        )
-        optimizer = build_optimizer(recipe.optimizer, model)
-        clock = _Clock(device)
-        finish = _instrument(method, clock)
-        cursor = iter(range(1 << 62))
+class MethodRun:
+    """One method on a fresh model (same initial weights for every method): built and warmed up
+    alone, its peak memory measured then; afterwards timed one optimizer step at a time, in turn
+    with the other methods' runs (:func:`time_in_turn`)."""
 
-        def provider() -> Any:
-            return pool[next(cursor) % len(pool)]
-
-        parts: dict[str, list[float]] = {
+    def __init__(
+        self, name: str, recipe: Recipe, pool: list[Any], device: torch.device, warmup: int
+    ) -> None:
+        self.name, self.recipe, self.device = name, recipe, device
+        autocast_dtype, needs_scaler = resolve_precision(recipe.precision, device)
+        memory = _MemoryMeter(device)
+        memory.start()
+        try:
+            torch.manual_seed(recipe.seed)
+            self.model = build_model(recipe.model, recipe.data).to(device)
+            loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
+            lambdas = {n: c.weight for n, c in recipe.losses.items()}
+            self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+            self.method = build_method(
+                recipe.conductor.model_copy(update={"method": name}),
+                self.model,
+                loss_fns,
+                lambdas,
+                autocast_dtype=autocast_dtype,
+                scaler=self.scaler if needs_scaler else None,
+            )
+            self.optimizer = build_optimizer(recipe.optimizer, self.model)
+            self.clock = _Clock(device)
+            self.finish = _instrument(self.method, self.clock)
+            cursor = iter(range(1 << 62))
+            self.provider = lambda: pool[next(cursor) % len(pool)]
+            for _ in range(warmup):
+                self._step()
+            _sync(device)
+            # Watched over build and warm-up only (where the CPU's tracker costs no timed step).
+            self.peak = memory.stop() if warmup > 0 else None
+        finally:
+            memory.end_warmup()
+        self.parts: dict[str, list[float]] = {
             "step": [],
             "accumulation": [],
             "resolution": [],
             "optimizer": [],
         }
-        weak = recipe.conductor.conflict_thresholds[2]
-        cosines, iters = [], []
-        for i in range(warmup + steps):
-            if i == warmup:
-                memory.end_warmup()
-            _sync(device)
-            started = time.perf_counter()
-            clock.mark("start")
-            optimizer.zero_grad(set_to_none=True)
-            stats = method.step(provider)
-            clock.mark("method")
-            if recipe.clip_grad_norm is not None and not stats["skipped"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            clock.mark("end")
-            _sync(device)
-            if i < warmup:
+        self.cosines: list[float] = []
+        self.iters: list[float] = []
+        self.error: str | None = None
+
+    def _step(self) -> dict[str, float]:
+        self.clock.mark("start")
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.method.step(self.provider)
+        self.clock.mark("method")
+        if self.recipe.clip_grad_norm is not None and not stats["skipped"]:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.clock.mark("end")
+        return stats
+
+    def timed_step(self) -> None:
+        _sync(self.device)
+        started = time.perf_counter()
+        stats = self._step()
+        _sync(self.device)
+        self.parts["step"].append(time.perf_counter() - started)
+        accumulated = "accumulated" if self.finish is not None else "method"
+        self.parts["accumulation"].append(self.clock.seconds("start", accumulated))
+        resolution = (
+            self.clock.seconds("accumulated", "finished") if self.finish is not None else 0.0
+        )
+        self.parts["resolution"].append(resolution)
+        self.parts["optimizer"].append(self.clock.seconds("method", "end"))
+        if "min_cosine_sim" in stats:
+            self.cosines.append(stats["min_cosine_sim"])
+            self.iters.append(stats.get("proj_iters", 0.0))
+
+    def result(self) -> dict[str, Any]:
+        """Medians of the timed steps, memory, and resolution timed on conflicting gradients."""
+        if self.error is not None:
+            return {"method": self.name, "error": self.error}
+        method, weak = self.method, self.recipe.conductor.conflict_thresholds[2]
+        medians = {k: statistics.median(v) for k, v in self.parts.items()}
+        result: dict[str, Any] = {
+            "method": self.name,
+            "step_ms": 1000 * medians["step"],
+            "step_ms_all": [1000 * t for t in self.parts["step"]],
+            "accumulation_ms": 1000 * medians["accumulation"],
+            "resolution_ms": 1000 * medians["resolution"],
+            "optimizer_ms": 1000 * medians["optimizer"],
+            "resolution_share": medians["resolution"] / medians["step"],
+            "peak_memory_bytes": self.peak,
+            "num_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "backward_mode": (
+                method.backward_mode
+                if getattr(method, "accumulation", None) == "full" and len(method.loss_names) > 1
+                else "one backward per micro-batch"
+            ),
+            "conflict_steps": sum(c < weak for c in self.cosines) if self.cosines else None,
+            "proj_iters_mean": statistics.fmean(self.iters) if self.iters else None,
+        }
+        if self.finish is not None:
+            steps = len(self.parts["step"])
+            conflict = _conflict_timing(method, self.finish, self.device, max(3, min(steps, 10)))
+            result["resolution_conflict_ms"] = 1000 * conflict["seconds"]
+            result["resolution_conflict_share"] = conflict["seconds"] / medians["step"]
+            result["resolution_conflict_proj_iters"] = conflict["proj_iters"]
+        return result
+
+
+def time_in_turn(runs: list[MethodRun], steps: int) -> list[str]:
+    """``steps`` timed optimizer steps of every run, one step of each in turn, the order rotating
+    each step: whatever drifts on a shared machine (clocks, neighbours, the heap) then hits every
+    method alike. A run that raises (e.g. out of memory) keeps its error and drops out. Returns
+    the order the steps ran in."""
+    order = []
+    for s in range(steps):
+        live = [run for run in runs if run.error is None]
+        for run in live[s % max(len(live), 1) :] + live[: s % max(len(live), 1)]:
+            try:
+                run.timed_step()
+            except (ValueError, RuntimeError) as exc:
+                run.error = f"{type(exc).__name__}: {exc}"
+                if run.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
-            parts["step"].append(time.perf_counter() - started)
-            accumulated = "accumulated" if finish is not None else "method"
-            parts["accumulation"].append(clock.seconds("start", accumulated))
-            resolution = clock.seconds("accumulated", "finished") if finish is not None else 0.0
-            parts["resolution"].append(resolution)
-            parts["optimizer"].append(clock.seconds("method", "end"))
-            if "min_cosine_sim" in stats:
-                cosines.append(stats["min_cosine_sim"])
-                iters.append(stats.get("proj_iters", 0.0))
+            order.append(run.name)
+    return order
 
-        peak = memory.stop()
-    finally:
-        memory.end_warmup()
-    if device.type != "cuda" and warmup == 0:
-        peak = None  # the CPU's tracker watches warm-up steps only
 
-    medians = {k: statistics.median(v) for k, v in parts.items()}
-    result: dict[str, Any] = {
-        "method": name,
-        "step_ms": 1000 * medians["step"],
-        "step_ms_all": [1000 * t for t in parts["step"]],
-        "accumulation_ms": 1000 * medians["accumulation"],
-        "resolution_ms": 1000 * medians["resolution"],
-        "optimizer_ms": 1000 * medians["optimizer"],
-        "resolution_share": medians["resolution"] / medians["step"],
-        "peak_memory_bytes": peak,
-        "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "backward_mode": (
-            method.backward_mode
-            if getattr(method, "accumulation", None) == "full" and len(method.loss_names) > 1
-            else "one backward per micro-batch"
-        ),
-        "conflict_steps": sum(c < weak for c in cosines) if cosines else None,
-        "proj_iters_mean": statistics.fmean(iters) if iters else None,
-    }
-    if finish is not None:
-        conflict = _conflict_timing(method, finish, device, repeats=max(3, min(steps, 10)))
-        result["resolution_conflict_ms"] = 1000 * conflict["seconds"]
-        result["resolution_conflict_share"] = conflict["seconds"] / medians["step"]
-        result["resolution_conflict_proj_iters"] = conflict["proj_iters"]
-    del method, optimizer, model, scaler
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+def bench_method(
+    name: str, recipe: Recipe, pool: list[Any], device: torch.device, steps: int, warmup: int
+) -> dict[str, Any]:
+    """One method alone: build, warm up, ``steps`` timed steps."""
+    run = MethodRun(name, recipe, pool, device, warmup)
+    time_in_turn([run], steps)
+    return run.result()
 
 
 def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -599,26 +639,40 @@ def run_bench(
         f"{warmup} warm-up + {steps} timed steps per method and round, {rounds} rounds",
         markup=False,
     )
-    # One untimed round first: the first method to run would otherwise pay the process's
-    # one-time costs (library handles, kernel selection, allocator pools) in time and memory.
+    # One untimed run first: the first method to run would otherwise pay the process's one-time
+    # costs (library handles, kernel selection, allocator pools) in time and memory.
     bench_method("sum", resolved, pool, device, steps=1, warmup=max(warmup, 1))
-    # Methods take turns, round after round: a shared machine's clocks and neighbours drift over
-    # a minute, and measured one after the other the ratios moved by up to 25 % between runs.
-    # The order rotates each round: on a CPU the method run right after ``sum`` was measured
-    # 6-8 % slower than the same work run later (the heap grows back), whichever method it was.
+    # Each round builds every method afresh (one after the other, their memory measured alone),
+    # then times their steps in turn, step by step. Measured one method after the other instead,
+    # the ratios moved by up to 25 % between passes on a shared GPU, and on a CPU the method run
+    # right after sum was 6-8 % slower than the same work run later, whichever method it was.
     per_round: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(rounds):
+        runs = []
         for name in names[r % len(names) :] + names[: r % len(names)]:
             if per_round[name] and "error" in per_round[name][-1]:
                 continue
-            out.print(f"  round {r + 1}/{rounds}: {name} ...", markup=False)
+            out.print(f"  round {r + 1}/{rounds}: build and warm up {name} ...", markup=False)
             try:
-                per_round[name].append(bench_method(name, resolved, pool, device, steps, warmup))
+                runs.append(MethodRun(name, resolved, pool, device, warmup))
             except (ValueError, RuntimeError) as exc:  # e.g. stochastic with N < K, OOM
                 per_round[name].append({"method": name, "error": f"{type(exc).__name__}: {exc}"})
                 _error(out, f"{name}: {per_round[name][-1]['error']}")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+        out.print(
+            f"  round {r + 1}/{rounds}: {steps} timed steps of each method, in turn ...",
+            markup=False,
+        )
+        time_in_turn(runs, steps)
+        for run in runs:
+            per_round[run.name].append(run.result())
+            if run.error is not None:
+                _error(out, f"{run.name}: {run.error}")
+        del runs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     results = {name: merge_rounds(rs) for name, rs in per_round.items()}
     num_params = next((r["num_params"] for r in results.values() if "num_params" in r), 0)
     targets = add_ratios(results, k, num_params)

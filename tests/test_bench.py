@@ -8,7 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from gcond_cli.app import app
-from gcond_cli.bench import WORKLOADS, LiveTensorBytes, bench_losses, bench_recipe
+from gcond_cli.bench import (
+    WORKLOADS,
+    LiveTensorBytes,
+    MethodRun,
+    bench_losses,
+    bench_recipe,
+)
 from gcond_cli.methods import method_unavailable
 
 TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
@@ -128,19 +134,30 @@ def test_bench_losses() -> None:
     assert sum(spec["weight"] for spec in losses.values()) == pytest.approx(1.0)
 
 
-def test_methods_take_turns_over_rounds_and_timings_are_medians_of_rounds(tmp_path: Path) -> None:
+def test_methods_take_turns_step_by_step_and_timings_are_medians_of_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+    timed_step = MethodRun.timed_step
+
+    def recording(self: MethodRun) -> None:
+        ran.append(self.name)
+        timed_step(self)
+
+    monkeypatch.setattr(MethodRun, "timed_step", recording)
     out = tmp_path / "bench.json"
-    args = ["--steps", "1", "--warmup", "0", "--rounds", "3", "--json", str(out)]
+    args = ["--steps", "2", "--warmup", "1", "--rounds", "3", "--json", str(out)]
     result = runner.invoke(app, ["bench", "-w", "tiny", "--methods", "sum,conductor", *args])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["rounds"] == 3
     for r in report["methods"].values():
-        assert len(r["step_ms_rounds"]) == 3 and len(r["step_ms_all"]) == 3
+        assert len(r["step_ms_rounds"]) == 3 and len(r["step_ms_all"]) == 6
         assert r["step_ms"] == pytest.approx(sorted(r["step_ms_rounds"])[1])
-    order = [line.split(": ")[1] for line in result.output.splitlines() if "round " in line]
-    # Each round starts one method further on, so no method always follows the same one.
-    assert order == [
+    # Each round builds the methods in a rotated order, then times them step by step, the order
+    # rotating each step (after one untimed step of sum that warms the process up).
+    builds = [line.split("warm up ")[1] for line in result.output.splitlines() if "warm up" in line]
+    assert builds == [
         "sum ...",
         "conductor ...",
         "conductor ...",
@@ -148,6 +165,33 @@ def test_methods_take_turns_over_rounds_and_timings_are_medians_of_rounds(tmp_pa
         "sum ...",
         "conductor ...",
     ]
+    s, c = "sum", "conductor"
+    untimed, round1, round2, round3 = [s], [s, c, c, s], [c, s, s, c], [s, c, c, s]
+    assert ran == [*untimed, *round1, *round2, *round3]
+
+
+def test_a_method_that_fails_while_timed_is_reported_and_the_others_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timed_step = MethodRun.timed_step
+
+    def failing(self: MethodRun) -> None:
+        if self.name == "conductor":
+            raise RuntimeError("CUDA out of memory (made up)")
+        timed_step(self)
+
+    monkeypatch.setattr(MethodRun, "timed_step", failing)
+    out = tmp_path / "bench.json"
+    args = ["--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out)]
+    result = runner.invoke(app, ["bench", "-w", "tiny", "--methods", "sum,conductor", *args])
+    assert result.exit_code == 0, result.output
+    methods = json.loads(out.read_text())["methods"]
+    assert methods["conductor"] == {
+        "method": "conductor",
+        "error": "RuntimeError: CUDA out of memory (made up)",
+    }
+    assert methods["sum"]["step_ms"] > 0 and len(methods["sum"]["step_ms_all"]) == 2
+    assert "out of memory" in result.output
 
 
 def test_live_tensor_bytes_counts_storages_once_and_forgets_freed_ones() -> None:
