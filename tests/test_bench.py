@@ -134,37 +134,37 @@ def test_bench_losses() -> None:
     assert sum(spec["weight"] for spec in losses.values()) == pytest.approx(1.0)
 
 
+def bench_with_timed_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed_step, rounds: int):
+    """`gcond bench` of sum and conductor on the tiny workload, ``MethodRun.timed_step`` replaced
+    by ``timed_step(run, original)``; returns the command's output and the JSON report."""
+    original = MethodRun.timed_step
+    monkeypatch.setattr(MethodRun, "timed_step", lambda run: timed_step(run, original))
+    out = tmp_path / "bench.json"
+    args = ["--steps", "2", "--warmup", "1", "--rounds", str(rounds), "--json", str(out)]
+    result = runner.invoke(app, ["bench", "-w", "tiny", "--methods", "sum,conductor", *args])
+    assert result.exit_code == 0, result.output
+    return result.output, json.loads(out.read_text())
+
+
 def test_methods_take_turns_step_by_step_and_timings_are_medians_of_rounds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ran: list[str] = []
-    timed_step = MethodRun.timed_step
 
-    def recording(self: MethodRun) -> None:
-        ran.append(self.name)
-        timed_step(self)
+    def recording(run: MethodRun, original) -> None:
+        ran.append(run.name)
+        original(run)
 
-    monkeypatch.setattr(MethodRun, "timed_step", recording)
-    out = tmp_path / "bench.json"
-    args = ["--steps", "2", "--warmup", "1", "--rounds", "3", "--json", str(out)]
-    result = runner.invoke(app, ["bench", "-w", "tiny", "--methods", "sum,conductor", *args])
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    output, report = bench_with_timed_step(tmp_path, monkeypatch, recording, rounds=3)
     assert report["rounds"] == 3
     for r in report["methods"].values():
         assert len(r["step_ms_rounds"]) == 3 and len(r["step_ms_all"]) == 6
         assert r["step_ms"] == pytest.approx(sorted(r["step_ms_rounds"])[1])
     # Each round builds the methods in a rotated order, then times them step by step, the order
     # rotating each step (after one untimed step of sum that warms the process up).
-    builds = [line.split("warm up ")[1] for line in result.output.splitlines() if "warm up" in line]
-    assert builds == [
-        "sum ...",
-        "conductor ...",
-        "conductor ...",
-        "sum ...",
-        "sum ...",
-        "conductor ...",
-    ]
+    builds = [line.split("warm up ")[1] for line in output.splitlines() if "warm up" in line]
+    s, c = "sum ...", "conductor ..."
+    assert builds == [s, c, c, s, s, c]
     s, c = "sum", "conductor"
     untimed, round1, round2, round3 = [s], [s, c, c, s], [c, s, s, c], [s, c, c, s]
     assert ran == [*untimed, *round1, *round2, *round3]
@@ -173,25 +173,17 @@ def test_methods_take_turns_step_by_step_and_timings_are_medians_of_rounds(
 def test_a_method_that_fails_while_timed_is_reported_and_the_others_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    timed_step = MethodRun.timed_step
-
-    def failing(self: MethodRun) -> None:
-        if self.name == "conductor":
+    def failing(run: MethodRun, original) -> None:
+        if run.name == "conductor":
             raise RuntimeError("CUDA out of memory (made up)")
-        timed_step(self)
+        original(run)
 
-    monkeypatch.setattr(MethodRun, "timed_step", failing)
-    out = tmp_path / "bench.json"
-    args = ["--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out)]
-    result = runner.invoke(app, ["bench", "-w", "tiny", "--methods", "sum,conductor", *args])
-    assert result.exit_code == 0, result.output
-    methods = json.loads(out.read_text())["methods"]
-    assert methods["conductor"] == {
-        "method": "conductor",
-        "error": "RuntimeError: CUDA out of memory (made up)",
-    }
+    output, report = bench_with_timed_step(tmp_path, monkeypatch, failing, rounds=1)
+    methods = report["methods"]
+    error = "RuntimeError: CUDA out of memory (made up)"
+    assert methods["conductor"] == {"method": "conductor", "error": error}
     assert methods["sum"]["step_ms"] > 0 and len(methods["sum"]["step_ms_all"]) == 2
-    assert "out of memory" in result.output
+    assert "out of memory" in output
 
 
 def test_live_tensor_bytes_counts_storages_once_and_forgets_freed_ones() -> None:
