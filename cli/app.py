@@ -34,6 +34,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+VariantOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--variant",
+        metavar="NAME:KEY=VALUE,...",
+        help="Add a named variant of the recipe beside the methods (repeatable), e.g. "
+        "seed-momentum:conductor.momentum_beta=0.9,optimizer.betas=[0.0,0.95] "
+        "(bench: conductor.*, optimizer.*, clip_grad_norm, precision only).",
+        show_default=False,
+    ),
+]
 RecipeArg = Annotated[
     str,
     typer.Argument(
@@ -144,16 +155,7 @@ def compare(
             show_default=False,
         ),
     ] = None,
-    variant: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--variant",
-            metavar="NAME:KEY=VALUE,...",
-            help="Add a named variant of the recipe (repeatable), e.g. "
-            "seed-momentum:conductor.momentum_beta=0.9,optimizer.betas=[0.0,0.95]",
-            show_default=False,
-        ),
-    ] = None,
+    variant: VariantOption = None,
     name: Annotated[
         str | None,
         typer.Option(
@@ -283,6 +285,7 @@ def bench(
             "--json", metavar="PATH", help="Also write the results as JSON.", show_default=False
         ),
     ] = None,
+    variant: VariantOption = None,
 ) -> None:
     """Time and memory of each method per optimizer step, as ratios to plain accumulation (sum).
 
@@ -305,6 +308,7 @@ def bench(
             dim=dim,
             depth=depth,
             json_path=json_path,
+            variants=variant or (),
         )
     )
 

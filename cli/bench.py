@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_leaves
 
 import gcond
 from gcond import GradientConductor
-from gcond_cli.compare import parse_methods
+from gcond_cli.compare import parse_methods, parse_variants
 from gcond_cli.data import DatasetError, DeviceDataProvider, build_datasets
 from gcond_cli.losses import build_loss
 from gcond_cli.methods import METHODS, build_method, method_unavailable
@@ -360,6 +360,31 @@ def _conflict_timing(
     }
 
 
+VARIANT_KEYS = ("conductor.", "optimizer.", "clip_grad_norm", "precision")
+
+
+def bench_variants(
+    recipe: Recipe, variants: Sequence[str], methods: list[str]
+) -> dict[str, tuple[Recipe, list[str]]]:
+    """``--variant NAME:KEY=VALUE,...``: the recipe with those overrides, measured beside the
+    methods (e.g. ``seq:conductor.per_loss_backward=sequential``). Model and data stay the
+    workload's, so only the settings of how a step is taken may change."""
+    out = {}
+    for name, overrides in parse_variants(variants, methods).items():
+        for override in overrides:
+            if not override.strip().startswith(VARIANT_KEYS):
+                raise UsageError(
+                    f"--variant {name}: {override!r} changes the workload; a bench variant may "
+                    "set conductor.*, optimizer.*, clip_grad_norm or precision"
+                )
+        variant = recipe_from_dict(recipe_to_dict(recipe), overrides)
+        reason = method_unavailable(variant.conductor.method)
+        if reason:
+            raise UsageError(reason)
+        out[name] = (variant, overrides)
+    return out
+
+
 class MethodRun:
     """One method on a fresh model (same initial weights for every method): built and warmed up
     alone, its peak memory measured then; afterwards timed one optimizer step at a time, in turn
@@ -368,6 +393,7 @@ class MethodRun:
     def __init__(
         self, name: str, recipe: Recipe, pool: list[Any], device: torch.device, warmup: int
     ) -> None:
+        """``name``: the method, or a variant's name (the method is ``recipe.conductor.method``)."""
         self.name, self.recipe, self.device = name, recipe, device
         autocast_dtype, needs_scaler = resolve_precision(recipe.precision, device)
         memory = _MemoryMeter(device)
@@ -379,7 +405,7 @@ class MethodRun:
             lambdas = {n: c.weight for n, c in recipe.losses.items()}
             self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
             self.method = build_method(
-                recipe.conductor.model_copy(update={"method": name}),
+                recipe.conductor,
                 self.model,
                 loss_fns,
                 lambdas,
@@ -491,11 +517,17 @@ def time_in_turn(runs: list[MethodRun], steps: int) -> list[str]:
     return order
 
 
+def with_method(recipe: Recipe, method: str) -> Recipe:
+    return recipe.model_copy(
+        update={"conductor": recipe.conductor.model_copy(update={"method": method})}
+    )
+
+
 def bench_method(
     name: str, recipe: Recipe, pool: list[Any], device: torch.device, steps: int, warmup: int
 ) -> dict[str, Any]:
     """One method alone: build, warm up, ``steps`` timed steps."""
-    run = MethodRun(name, recipe, pool, device, warmup)
+    run = MethodRun(name, with_method(recipe, name), pool, device, warmup)
     time_in_turn([run], steps)
     return run.result()
 
@@ -597,6 +629,7 @@ def run_bench(
     dim: int | None = None,
     depth: int | None = None,
     json_path: Path | None = None,
+    variants: Sequence[str] = (),
 ) -> int:
     """``gcond bench``: returns the exit code (0 done, 2 bad request)."""
     isatty = getattr(sys.stdout, "isatty", None)
@@ -621,6 +654,11 @@ def run_bench(
             if reason:
                 raise UsageError(reason)
         names = ["sum", *(n for n in names if n != "sum")]  # the baseline, measured first
+        entries = {name: with_method(resolved, name) for name in names}
+        variant_overrides = {}
+        for name, (variant, overrides) in bench_variants(resolved, variants, names).items():
+            entries[name], variant_overrides[name] = variant, overrides
+        names = list(entries)
         device = resolve_device(resolved.device)
         pool = _data_pool(resolved, device)
     except RecipeError as exc:
@@ -654,7 +692,7 @@ def run_bench(
                 continue
             out.print(f"  round {r + 1}/{rounds}: build and warm up {name} ...", markup=False)
             try:
-                runs.append(MethodRun(name, resolved, pool, device, warmup))
+                runs.append(MethodRun(name, entries[name], pool, device, warmup))
             except (ValueError, RuntimeError) as exc:  # e.g. stochastic with N < K, OOM
                 per_round[name].append({"method": name, "error": f"{type(exc).__name__}: {exc}"})
                 _error(out, f"{name}: {per_round[name][-1]['error']}")
@@ -667,6 +705,11 @@ def run_bench(
         time_in_turn(runs, steps)
         for run in runs:
             per_round[run.name].append(run.result())
+            if run.name in variant_overrides:
+                per_round[run.name][-1]["variant"] = {
+                    "method": run.recipe.conductor.method,
+                    "overrides": variant_overrides[run.name],
+                }
             if run.error is not None:
                 _error(out, f"{run.name}: {run.error}")
         del runs
@@ -752,6 +795,8 @@ def _print_report(out: Console, report: dict[str, Any]) -> None:
     ):
         table.add_column(title, justify="left" if title in ("method", "backward") else "right")
     for name, r in report["methods"].items():
+        if "variant" in r:
+            name = f"{name} ({r['variant']['method']}: {', '.join(r['variant']['overrides'])})"
         if "error" in r:
             table.add_row(name, Text(r["error"], style="red"))
             continue

@@ -148,6 +148,17 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+def parse_variants(variants: Sequence[str], methods: Sequence[str]) -> dict[str, list[str]]:
+    """Every ``--variant``, by name; names must be unique and no method's."""
+    parsed = dict(parse_variant(v) for v in variants)
+    if len(parsed) != len(variants):
+        raise UsageError("--variant: two variants have the same name")
+    clash = set(parsed) & set(methods)
+    if clash:
+        raise UsageError(f"--variant: the name {sorted(clash)[0]!r} is also a method; rename it")
+    return parsed
+
+
 def parse_methods(text: str) -> list[str]:
     """``conductor,sum`` -> the method names, each checked."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -176,12 +187,7 @@ def _make_plan(
     variants: Sequence[str],
 ) -> Plan:
     method_names = parse_methods(methods) if methods is not None else list(DEFAULT_METHODS)
-    parsed = dict(parse_variant(v) for v in variants)
-    if len(parsed) != len(variants):
-        raise UsageError("--variant: two variants have the same name")
-    clash = set(parsed) & set(method_names)
-    if clash:
-        raise UsageError(f"--variant: the name {sorted(clash)[0]!r} is also a method; rename it")
+    parsed = parse_variants(variants, method_names)
     count = 1 if seeds is None else seeds
     if count < 1:
         raise UsageError(f"--seeds: got {count}, expected at least 1")

@@ -205,3 +205,40 @@ def test_live_tensor_bytes_counts_storages_once_and_forgets_freed_ones() -> None
         assert meter.peak >= 12000  # w * 2 alive with w during the forward
     del w
     assert meter.current == 0
+
+
+def test_variants_are_measured_beside_the_methods(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    seq = "seq:conductor.per_loss_backward=sequential"
+    args = ["--methods", "sum,conductor", "--variant", seq, *FAST, "--json", str(out)]
+    result = runner.invoke(app, ["bench", "-w", "tiny", *args])
+    assert result.exit_code == 0, result.output
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["sum", "conductor", "seq"]
+    assert methods["seq"]["variant"] == {
+        "method": "conductor",
+        "overrides": ["conductor.per_loss_backward=sequential"],
+    }
+    assert methods["seq"]["backward_mode"] == "sequential"
+    assert (
+        methods["conductor"]["backward_mode"] == "batched" and "variant" not in methods["conductor"]
+    )
+    assert methods["seq"]["time_ratio_to_sum"] > 0
+    assert "seq (conductor:" in result.output  # the row names the variant's method
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("x:model.dim=8", "changes the workload"),
+        ("x:data.image_size=8", "changes the workload"),
+        ("conductor:conductor.momentum_beta=0.9", "also a method"),
+        ("x:conductor.per_loss_backward=fast", "per_loss_backward"),
+        ("x", "expected NAME:KEY=VALUE"),
+    ],
+)
+def test_bad_variants_are_refused(variant: str, message: str) -> None:
+    args = ["-w", "tiny", "--methods", "sum,conductor", "--variant", variant, *FAST]
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output
