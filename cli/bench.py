@@ -52,7 +52,12 @@ from gcond import GradientConductor
 from gcond_cli.compare import parse_methods, parse_variants
 from gcond_cli.data import DatasetError, DeviceDataProvider, build_datasets
 from gcond_cli.losses import build_loss
-from gcond_cli.methods import METHODS, build_method, method_unavailable
+from gcond_cli.methods import (
+    METHODS,
+    build_method,
+    method_unavailable,
+    per_loss_backward_mode,
+)
 from gcond_cli.models import build_model
 from gcond_cli.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
 from gcond_cli.train import (
@@ -231,9 +236,9 @@ class LiveTensorBytes(TorchDispatchMode):
             return
         key, size = id(storage), storage.nbytes()
         entry = self._live.get(key)
-        if (entry is None or entry[0]() is not storage) and key in inputs:
-            return
-        if entry is None or entry[0]() is not storage:
+        if entry is None or entry[0]() is not storage:  # not counted yet
+            if key in inputs:
+                return
             self._live[key] = (weakref.ref(storage, functools.partial(self._freed, key)), size)
             self.current += size
         elif entry[1] != size:  # resized in place
@@ -480,11 +485,7 @@ class MethodRun:
             "resolution_share": medians["resolution"] / medians["step"],
             "peak_memory_bytes": self.peak,
             "num_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-            "backward_mode": (
-                method.backward_mode
-                if getattr(method, "accumulation", None) == "full" and len(method.loss_names) > 1
-                else "one backward per micro-batch"
-            ),
+            "backward_mode": per_loss_backward_mode(method) or "one backward per micro-batch",
             "conflict_steps": sum(c < weak for c in self.cosines) if self.cosines else None,
             "proj_iters_mean": statistics.fmean(self.iters) if self.iters else None,
         }

@@ -103,6 +103,14 @@ def build_method(
     raise ValueError(f"conductor.method: unknown method {name!r}; expected one of {METHODS}")
 
 
+def per_loss_backward_mode(method: Any) -> str | None:
+    """``batched``/``sequential``: how a full-mode conductor of K >= 2 losses gets K gradients
+    from one forward; None for a method that does one backward per micro-batch."""
+    if getattr(method, "accumulation", None) != "full" or len(method.loss_names) < 2:
+        return None
+    return method.backward_mode
+
+
 def torchjd_aggregator(name: str) -> Any:
     """TorchJD's aggregator for ``name`` (one of :data:`TORCHJD_METHODS`), or MethodUnavailable
     naming the package to install."""

@@ -36,7 +36,7 @@ from gcond_cli.checkpoint import (
 from gcond_cli.data import DeviceDataProvider, build_datasets, build_val_batches
 from gcond_cli.logger import RunLogger
 from gcond_cli.losses import build_loss, eval_metrics
-from gcond_cli.methods import build_method
+from gcond_cli.methods import build_method, per_loss_backward_mode
 from gcond_cli.models import build_model
 from gcond_cli.recipe import Recipe, RecipeError, dump_recipe_yaml, load_recipe, recipe_to_dict
 
@@ -166,7 +166,6 @@ class Trainer:
         )
         self.step = 0
         self.consecutive_skipped = 0
-        self._backward_logged = False
         self.best: float | None = None
         self.elapsed = 0.0  # training seconds across resumes
         self.samples_per_step = (
@@ -293,6 +292,7 @@ class Trainer:
     def run(self) -> int:
         r = self.recipe
         self.logger.start(self.step)
+        first_step = self.step + 1  # of this process (after a resume too)
         with _stop_on_signals(self):
             while self.step < r.schedule.max_steps:
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -301,7 +301,7 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 self.elapsed += seconds
                 self.step += 1
-                if not self._backward_logged:
+                if self.step == first_step:
                     self._log_backward_mode()
                 if self.step % r.log.every == 0 or self.step == r.schedule.max_steps:
                     self.logger.log_step(self.step, stats, lr, self.samples_per_step / seconds)
@@ -333,7 +333,6 @@ class Trainer:
 
     def _log_backward_mode(self) -> None:
         """Once, after the first step: how full mode gets its per-loss gradients."""
-        self._backward_logged = True
         mode = backward_description(self.method)
         if mode is not None:
             self.logger.info(f"per-loss gradients: {mode}")
@@ -377,9 +376,10 @@ class Trainer:
 
 def backward_description(method: Any) -> str | None:
     """How a full-mode conductor gets K gradients from one forward, in words (None otherwise)."""
-    if getattr(method, "accumulation", None) != "full" or len(method.loss_names) < 2:
+    mode = per_loss_backward_mode(method)
+    if mode is None:
         return None
-    text = f"{method.backward_mode} backward (per_loss_backward: {method.per_loss_backward}"
+    text = f"{mode} backward (per_loss_backward: {method.per_loss_backward}"
     timings = method.backward_timings
     if timings:
         times = ", ".join(f"{way} {1000 * t:.1f} ms" for way, t in timings.items())

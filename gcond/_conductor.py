@@ -184,7 +184,7 @@ class GradientConductor:
         self._stacks = [torch.zeros(k, numel, dtype=grad_dtype, device=self.device) for _ in "ab"]
         self._stack_views = [self._views_of(s) for s in self._stacks]
         self._current = 0
-        self._fresh = [False] * k  # rows not yet written this step (step() sets them)
+        self._fresh = [False] * k  # rows not yet written this step (step() sets them all)
         update_dtype = _common_dtype(self._params)
         self._update = torch.zeros(numel, dtype=update_dtype, device=self.device)
         self._update_views = _split(self._update, self._numels, self._shapes)
@@ -481,9 +481,6 @@ class GradientConductor:
 
     def _finish_step(self, acc: torch.Tensor) -> dict[str, float]:
         k = len(self.loss_names)
-        for row, fresh in enumerate(self._fresh):
-            if fresh:  # no micro-batch reached this loss (cannot happen with N >= K)
-                acc[row].zero_()
         prev = self._stacks[1 - self._current]
         unscale = self._inverse_loss_scale()
         if unscale is not None:
@@ -719,8 +716,11 @@ def _foreach_into(pairs: list[tuple[torch.Tensor, torch.Tensor]], copy: bool) ->
     if not pairs:
         return
     dtype = pairs[0][0].dtype
-    dense = [(d, s) for d, s in pairs if s.is_contiguous()]
-    for group in (dense, [(d, s) for d, s in pairs if not s.is_contiguous()]):
+    dense: list[tuple[torch.Tensor, torch.Tensor]] = []
+    strided: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for pair in pairs:
+        (dense if pair[1].is_contiguous() else strided).append(pair)
+    for group in (dense, strided):
         if group:
             dst, src = [d for d, _ in group], [s.to(dtype) for _, s in group]
             if copy:
