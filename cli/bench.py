@@ -416,6 +416,7 @@ class MethodRun:
                 lambdas,
                 autocast_dtype=autocast_dtype,
                 scaler=self.scaler if needs_scaler else None,
+                loss_scale=recipe.loss_scale,
             )
             self.optimizer = build_optimizer(recipe.optimizer, self.model)
             self.clock = _Clock(device)

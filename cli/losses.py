@@ -26,6 +26,13 @@ from torch import Tensor
 
 LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
 
+# How the losses' scales are set before any method sees them (recipe key `loss_scale`):
+# none: L_k as it is; log: log L_k (gradient ∇L_k / L_k: the scale-invariant baseline);
+# initial: L_k / L_k⁽⁰⁾, L_k⁽⁰⁾ being L_k's mean over the first optimizer step.
+LOSS_SCALES = ("none", "log", "initial")
+# log(0) would be -inf; a loss that is exactly 0 contributes a zero gradient instead.
+_TINY = torch.finfo(torch.float32).tiny
+
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # pytorch-msssim's defaults
 _WIN_SIGMA = 1.5
 
@@ -62,6 +69,41 @@ def build_loss(name: str, cfg: Any, data_cfg: Any) -> LossFn:
         f"losses.{name}.kind: unknown loss {cfg.kind!r}; "
         "expected l1, mse, ssim, ms_ssim or cross_entropy"
     )
+
+
+def log_scaled(fn: LossFn) -> LossFn:
+    """``log fn(output, target)``: its gradient is ``∇L / L``, so every loss counts by its relative
+    change, whatever its units. A loss of exactly 0 is clamped to the smallest normal float (a
+    zero gradient rather than -inf)."""
+
+    def loss(output: Any, target: Any) -> Tensor:
+        return torch.log(fn(output, target).float().clamp_min(_TINY))
+
+    return loss
+
+
+class InitialScale:
+    """``L_k / L_k⁽⁰⁾`` for every loss, the references shared by the wrapped loss functions.
+
+    ``reference`` is None until measured (a K-vector on the device, in the order of ``names``);
+    the method wrapper :class:`gcond_cli.methods.InitialScaleMethod` measures it over the first
+    optimizer step's micro-batches and keeps it in its state. Dividing by a device tensor keeps
+    the loss free of host syncs.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.reference: Tensor | None = None
+
+    def wrap(self, name: str, fn: LossFn) -> LossFn:
+        index = self.names.index(name)
+
+        def loss(output: Any, target: Any) -> Tensor:
+            if self.reference is None:
+                raise RuntimeError("loss_scale 'initial': the reference losses are not measured")
+            return fn(output, target).float() / self.reference[index]
+
+        return loss
 
 
 def _pixel_loss(kind: str, masked_only: bool) -> LossFn:

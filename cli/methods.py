@@ -10,6 +10,7 @@ aggregators fed the conductor's per-loss gradients, accumulated over the same mi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -18,11 +19,13 @@ import torch
 from torch import nn
 
 from gcond import GradientConductor, autocast, call_model, frozen_batchnorm
+from gcond_cli.losses import InitialScale, log_scaled
+from gcond_cli.recipe import SCALED_SUMS
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TORCHJD_METHODS = ("pcgrad", "upgrad", "mgda", "cagrad")
-METHODS = ("conductor", "conductor-stochastic", "sum", *TORCHJD_METHODS)
+METHODS = ("conductor", "conductor-stochastic", "sum", *SCALED_SUMS, *TORCHJD_METHODS)
 CAGRAD_C = 0.4  # the CAGrad paper's multi-task setting
 
 
@@ -50,11 +53,44 @@ def build_method(
     *,
     autocast_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None,
+    loss_scale: str = "none",
 ) -> Method:
-    """The method a recipe's ``conductor`` section names, with every parameter it sets."""
-    cfg = conductor_cfg
+    """The method a recipe's ``conductor`` section names, with every parameter it sets, fed
+    the losses rescaled by ``loss_scale`` (``sum-log`` / ``sum-normalized`` set their own)."""
+    mode = effective_loss_scale(conductor_cfg.method, loss_scale)
+    if mode == "log":
+        loss_fns = {name: log_scaled(fn) for name, fn in loss_fns.items()}
+    if mode != "initial":
+        return _build_method(conductor_cfg, model, loss_fns, lambdas, autocast_dtype, scaler)
+    scale = InitialScale(list(loss_fns))
+    scaled = {name: scale.wrap(name, fn) for name, fn in loss_fns.items()}
+    method = _build_method(conductor_cfg, model, scaled, lambdas, autocast_dtype, scaler)
+    return InitialScaleMethod(
+        method,
+        scale,
+        model,
+        loss_fns,
+        conductor_cfg.accumulation_steps,
+        freeze_bn=conductor_cfg.freeze_bn,
+        autocast_dtype=autocast_dtype,
+    )
+
+
+def effective_loss_scale(method: str, loss_scale: str) -> str:
+    """The loss scale a run trains with: the method's own for the scaled sums, else the recipe's."""
+    return SCALED_SUMS.get(method, loss_scale)
+
+
+def _build_method(
+    cfg: Any,
+    model: nn.Module,
+    loss_fns: Mapping[str, LossFn],
+    lambdas: Mapping[str, float],
+    autocast_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+) -> Method:
     name = cfg.method
-    if name == "sum":
+    if name in ("sum", *SCALED_SUMS):
         return SumMethod(
             model,
             loss_fns,
@@ -257,3 +293,72 @@ class SumMethod:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._step = int(state["step"])
+
+
+class InitialScaleMethod:
+    """A method trained on ``L_k / L_k⁽⁰⁾`` (``loss_scale: initial``).
+
+    On its first step it draws that step's micro-batches, measures every loss's mean over them
+    with the initial weights (no graph; BatchNorm statistics frozen; averaged over the ranks of a
+    distributed run), then hands the same micro-batches to the method, so the first step trains on
+    exactly the data it was measured on and the data stream is not shifted. The references are
+    kept in the state, so a resumed run divides by the same numbers. Anything else is the
+    wrapped method's.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        scale: InitialScale,
+        model: nn.Module,
+        raw_loss_fns: Mapping[str, LossFn],
+        accumulation_steps: int,
+        *,
+        freeze_bn: bool,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.method, self.scale, self.model = method, scale, model
+        self.raw_loss_fns = dict(raw_loss_fns)
+        self.accumulation_steps = accumulation_steps
+        self.freeze_bn, self.autocast_dtype = freeze_bn, autocast_dtype
+
+    def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+        if self.scale.reference is None:
+            batches = [data_provider() for _ in range(self.accumulation_steps)]
+            self.scale.reference = self._measure(batches)
+            replay = iter(batches)
+            data_provider = functools.partial(next, replay)
+        return self.method.step(data_provider)
+
+    @torch.no_grad()
+    def _measure(self, batches: list[Any]) -> torch.Tensor:
+        """Each loss's mean over ``batches`` (K-vector on the model's device, float32)."""
+        device = next(self.model.parameters()).device
+        total = torch.zeros(len(self.scale.names), device=device)
+        with frozen_batchnorm(self.model, self.freeze_bn):
+            for x, target in batches:
+                with autocast(device, self.autocast_dtype):
+                    output = call_model(self.model, x)
+                    values = [self.raw_loss_fns[n](output, target) for n in self.scale.names]
+                total += torch.stack([v.float() for v in values])
+        mean = total / len(batches)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(mean)  # SUM (gloo has no AVG)
+            mean /= torch.distributed.get_world_size()
+        return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        reference = self.scale.reference
+        return {
+            "method": self.method.state_dict(),
+            "loss_reference": None if reference is None else reference.detach().cpu(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        reference = state["loss_reference"]
+        device = next(self.model.parameters()).device
+        self.scale.reference = None if reference is None else reference.to(device)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.method, name)

@@ -35,6 +35,8 @@ from typing_extensions import Self
 MAX_SIZE = 1_000_000  # sizes, widths, depths, batch sizes: anything larger is a typo
 MAX_COUNT = 1_000_000_000  # steps, sample counts, intervals
 RESERVED_LOSS_NAMES = ("total",)  # `loss/total` is the weighted sum in the conductor's stats
+# The scale-only baselines: plain accumulation (`sum`) of the losses rescaled by `loss_scale`.
+SCALED_SUMS = {"sum-log": "log", "sum-normalized": "initial"}
 
 Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
 Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
@@ -202,9 +204,18 @@ class LossConfig(_Section):
 class ConductorConfig(_Section):
     """`method` plus every GradientConductor parameter, with the library's names and defaults."""
 
-    # sum: plain accumulation; pcgrad, upgrad, mgda, cagrad: TorchJD (pip install 'gcond[torchjd]')
+    # sum: plain accumulation; sum-log / sum-normalized: sum with loss_scale log / initial;
+    # pcgrad, upgrad, mgda, cagrad: TorchJD (pip install 'gcond[torchjd]')
     method: Literal[
-        "conductor", "conductor-stochastic", "sum", "pcgrad", "upgrad", "mgda", "cagrad"
+        "conductor",
+        "conductor-stochastic",
+        "sum",
+        "sum-log",
+        "sum-normalized",
+        "pcgrad",
+        "upgrad",
+        "mgda",
+        "cagrad",
     ] = "conductor"
     accumulation_steps: Size = 8
     accumulation: Literal["full", "stochastic"] = "full"
@@ -310,6 +321,9 @@ class Recipe(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
     losses: dict[Annotated[str, AfterValidator(_loss_name)], LossConfig]
+    # Every method trains on the losses rescaled: none (as they are), log (Σ λ_k log L_k) or
+    # initial (Σ λ_k L_k / L_k⁽⁰⁾, L_k⁽⁰⁾ = the mean over the first optimizer step).
+    loss_scale: Literal["none", "log", "initial"] = "none"
     conductor: ConductorConfig = Field(default_factory=ConductorConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig
@@ -339,6 +353,15 @@ class Recipe(_Section):
         yield from self._label_issues()
         yield from self._loss_issues()
         yield from self._accumulation_issues()
+        method = self.conductor.method
+        if method in SCALED_SUMS and self.loss_scale not in ("none", SCALED_SUMS[method]):
+            yield _Issue(
+                ("loss_scale",),
+                self.loss_scale,
+                f"'none' or '{SCALED_SUMS[method]}' with conductor.method {method} (which is "
+                f"sum with loss_scale {SCALED_SUMS[method]}); for sum with loss_scale "
+                f"{self.loss_scale}, use conductor.method: sum",
+            )
 
     def _model_issues(self) -> Iterator[_Issue]:
         patch = self.data.mask.patch_size

@@ -158,6 +158,7 @@ class Trainer:
             lambdas,
             autocast_dtype=autocast_dtype,
             scaler=self.scaler if needs_scaler else None,
+            loss_scale=recipe.loss_scale,
         )
         self.optimizer = build_optimizer(recipe.optimizer, self.model)
         s = recipe.schedule
