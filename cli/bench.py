@@ -6,10 +6,12 @@ same optimizer, in this process. Each round builds every method afresh and warms
 at a time, the order rotating each step, each step bracketed by a device synchronisation; every
 method is alive during the timed phase. A step is split into
 
-* accumulation: the forwards and backwards of the N micro-batches (for ``sum``: its whole
+* accumulation: the forwards and backwards of the N micro-batches and the one host sync that
+  reads their Gram matrix, i.e. ``GradientConductor.accumulate`` (for ``sum``: its whole
   ``step()``, including its one host sync);
-* resolution: the conductor's resolution (or a TorchJD aggregation) + momentum + write-back of
-  ``p.grad``, i.e. ``GradientConductor._finish_step``;
+* resolution: the conductor's resolution (or a TorchJD weighting) + merge + momentum +
+  write-back of ``p.grad``, i.e. ``GradientConductor.finish`` (``step()`` is
+  ``finish(accumulate(...))``, so the two public halves are timed apart);
 * optimizer: gradient clipping and ``optimizer.step()``.
 
 The split is read from CUDA events on the GPU's timeline (no extra syncs inside the step), or
@@ -35,7 +37,7 @@ import statistics
 import sys
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -321,41 +323,25 @@ def _data_pool(recipe: Recipe, device: torch.device) -> list[Any]:
     return [provider() for _ in range(DATA_POOL)]
 
 
-def _instrument(method: Any, clock: _Clock) -> Callable[[torch.Tensor], dict] | None:
-    """Mark the start and end of a conductor's resolution + write-back; returns the original."""
-    if not isinstance(method, GradientConductor):
-        return None
-    finish = method._finish_step
-
-    def timed_finish(acc: torch.Tensor) -> dict[str, float]:
-        clock.mark("accumulated")
-        stats = finish(acc)
-        clock.mark("finished")
-        return stats
-
-    method._finish_step = timed_finish  # an instance attribute: step() calls it
-    return finish
-
-
 def _conflict_timing(
-    method: GradientConductor, finish: Callable, device: torch.device, repeats: int
+    method: GradientConductor, device: torch.device, repeats: int
 ) -> dict[str, float]:
-    """Median seconds of resolution + write-back on gradients that conflict: row 0 random, every
-    other row at cosine ≈ CONFLICT_COSINE with it (and +0.5 with each other)."""
+    """Median seconds of the Gram read + resolution + write-back on gradients that conflict: row
+    0 random, every other row at cosine ≈ CONFLICT_COSINE with it (and +0.5 with each other),
+    written into the conductor's accumulators."""
     k, p = len(method.loss_names), method.num_params
     generator = torch.Generator(device=device).manual_seed(0)
     base = torch.randn(k, p, device=device, generator=generator)
     grads = base.clone()
     a = -CONFLICT_COSINE  # g_k = -a·b_0 + sqrt(1 - a²)·b_k: cos(g_0, g_k) = -a
     grads[1:] = -a * base[0] + (1 - a * a) ** 0.5 * base[1:]
-    grads = grads.to(method.grad_dtype)
     del base
     times, stats = [], {}
     for _ in range(repeats + 1):  # the first one warms up
-        acc = grads.clone()
+        method.accumulator.stack.copy_(grads)
         _sync(device)
         start = time.perf_counter()
-        stats = finish(acc)
+        stats = method.finish(method.accumulator.summarize())
         _sync(device)
         times.append(time.perf_counter() - start)
     return {
@@ -420,7 +406,8 @@ class MethodRun:
             )
             self.optimizer = build_optimizer(recipe.optimizer, self.model)
             self.clock = _Clock(device)
-            self.finish = _instrument(self.method, self.clock)
+            # A conductor is timed through its two public halves; other methods as a whole.
+            self.conductor = self.method if isinstance(self.method, GradientConductor) else None
             cursor = iter(range(1 << 62))
             self.provider = lambda: pool[next(cursor) % len(pool)]
             for _ in range(warmup):
@@ -443,7 +430,13 @@ class MethodRun:
     def _step(self) -> dict[str, float]:
         self.clock.mark("start")
         self.optimizer.zero_grad(set_to_none=True)
-        stats = self.method.step(self.provider)
+        if self.conductor is not None:  # step() is finish(accumulate(...))
+            gradients = self.conductor.accumulate(self.provider)
+            self.clock.mark("accumulated")
+            stats = self.conductor.finish(gradients)
+            self.clock.mark("finished")
+        else:
+            stats = self.method.step(self.provider)
         self.clock.mark("method")
         if self.recipe.clip_grad_norm is not None and not stats["skipped"]:
             self.scaler.unscale_(self.optimizer)
@@ -459,11 +452,10 @@ class MethodRun:
         stats = self._step()
         _sync(self.device)
         self.parts["step"].append(time.perf_counter() - started)
-        accumulated = "accumulated" if self.finish is not None else "method"
+        timed_apart = self.conductor is not None
+        accumulated = "accumulated" if timed_apart else "method"
         self.parts["accumulation"].append(self.clock.seconds("start", accumulated))
-        resolution = (
-            self.clock.seconds("accumulated", "finished") if self.finish is not None else 0.0
-        )
+        resolution = self.clock.seconds("accumulated", "finished") if timed_apart else 0.0
         self.parts["resolution"].append(resolution)
         self.parts["optimizer"].append(self.clock.seconds("method", "end"))
         if "min_cosine_sim" in stats:
@@ -490,9 +482,9 @@ class MethodRun:
             "conflict_steps": sum(c < weak for c in self.cosines) if self.cosines else None,
             "proj_iters_mean": statistics.fmean(self.iters) if self.iters else None,
         }
-        if self.finish is not None:
+        if self.conductor is not None:
             steps = len(self.parts["step"])
-            conflict = _conflict_timing(method, self.finish, self.device, max(3, min(steps, 10)))
+            conflict = _conflict_timing(self.conductor, self.device, max(3, min(steps, 10)))
             result["resolution_conflict_ms"] = 1000 * conflict["seconds"]
             result["resolution_conflict_share"] = conflict["seconds"] / medians["step"]
             result["resolution_conflict_proj_iters"] = conflict["proj_iters"]

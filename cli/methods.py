@@ -18,12 +18,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gcond import GradientConductor, autocast, call_model, frozen_batchnorm
+from gcond import GradientConductor, WeightingResolver, autocast, call_model, frozen_batchnorm
 from gcond_cli.losses import InitialScale, log_scaled
 from gcond_cli.recipe import SCALED_SUMS
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TORCHJD_METHODS = ("pcgrad", "upgrad", "mgda", "cagrad")
 METHODS = ("conductor", "conductor-stochastic", "sum", *SCALED_SUMS, *TORCHJD_METHODS)
 CAGRAD_C = 0.4  # the CAGrad paper's multi-task setting
@@ -102,39 +101,18 @@ def _build_method(
         )
     if name in ("conductor", "conductor-stochastic", *TORCHJD_METHODS):
         # TorchJD methods share the conductor's accumulation, momentum and write-back; their
-        # aggregator replaces resolution + merge (the resolution settings are then unused).
-        conductor: type[GradientConductor] = GradientConductor
-        extra: dict[str, Any] = {}
+        # weighting of the Gram matrix is the resolver (the resolution settings are then unused).
+        resolver = None
         if name in TORCHJD_METHODS:
-            conductor = TorchJDConductor
-            extra = {"aggregator": TorchJDAggregation(torchjd_aggregator(name))}
-        return conductor(
+            resolver = TorchJDResolver(torchjd_aggregator(name), norm_cap=cfg.norm_cap)
+        return GradientConductor(
             model,
             loss_fns,
             lambdas,
-            cfg.accumulation_steps,
-            **extra,
-            accumulation="stochastic" if name == "conductor-stochastic" else cfg.accumulation,
-            resolution=cfg.resolution,
-            conflict_thresholds=tuple(cfg.conflict_thresholds),
-            projection_max_iters=cfg.projection_max_iters,
-            dominance_window=cfg.dominance_window,
-            tie_breaking_weights=tuple(cfg.tie_breaking_weights),
-            norm_ema_beta=cfg.norm_ema_beta,
-            norm_cap=cfg.norm_cap,
-            momentum_beta=cfg.momentum_beta,
-            use_lion=cfg.use_lion,
-            trust_ratio_coef=cfg.trust_ratio_coef,
-            trust_ratio_clip=cfg.trust_ratio_clip,
-            remap_power=cfg.remap_power,
-            return_raw_grad=cfg.return_raw_grad,
-            freeze_bn=cfg.freeze_bn,
+            config=cfg.library_config(),
             autocast_dtype=autocast_dtype,
             scaler=scaler,
-            grad_dtype=GRAD_DTYPES[cfg.grad_dtype],
-            ddp_sync=cfg.ddp_sync,
-            per_loss_backward=cfg.per_loss_backward,
-            eps=cfg.eps,
+            resolver=resolver,
         )
     raise ValueError(f"conductor.method: unknown method {name!r}; expected one of {METHODS}")
 
@@ -179,41 +157,35 @@ def method_unavailable(name: str) -> str | None:
     return None
 
 
-class TorchJDAggregation:
-    """A TorchJD aggregator as the conductor's ``aggregator``: K×P stack -> P vector.
+class TorchJDResolver(WeightingResolver):
+    """A TorchJD aggregator's weighting of the Gram matrix as the conductor's resolver (the
+    merge ``Σ_k w_k g_k`` that follows is TorchJD's combination).
 
     It draws from its own CPU random stream (PCGrad shuffles the losses), seeded from the
     process's torch seed, so the run's global stream, and everything else that draws from it,
-    stays as it is under the other methods.
+    stays as it is under the other methods; the stream is part of the conductor's state.
     """
 
-    def __init__(self, aggregator: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, aggregator: Any, *, norm_cap: float | None = None) -> None:
+        super().__init__(self._weigh, norm_cap=norm_cap)
         self.aggregator = aggregator
         self.rng_state = torch.Generator().manual_seed(torch.initial_seed()).get_state()
 
-    def __call__(self, stack: torch.Tensor) -> torch.Tensor:
+    def _weigh(self, gram: torch.Tensor) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self.rng_state)
-            merged = self.aggregator(stack)
+            weights = self.aggregator.gramian_weighting(gram)
             self.rng_state = torch.get_rng_state()
-        return merged
-
-    def __repr__(self) -> str:
-        return f"TorchJDAggregation({self.aggregator!r})"
-
-
-class TorchJDConductor(GradientConductor):
-    """A GradientConductor whose resolution + merge is a TorchJD aggregator; its state holds the
-    aggregator's random stream too, so a resumed run continues it."""
-
-    aggregator: TorchJDAggregation
+        return weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "aggregator_rng": self.aggregator.rng_state.clone()}
+        return {"aggregator_rng": self.rng_state.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.aggregator.rng_state = state["aggregator_rng"].clone()
+        self.rng_state = state["aggregator_rng"].clone()
+
+    def __repr__(self) -> str:
+        return f"TorchJDResolver({self.aggregator!r}, norm_cap={self.norm_cap!r})"
 
 
 class SumMethod:

@@ -12,11 +12,12 @@ are valid.
 """
 
 import copy
+import dataclasses
 import difflib
 import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 import yaml
 from pydantic import (
@@ -26,11 +27,14 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 from typing_extensions import Self
+
+from gcond._config import ConductorConfig as LibraryConductorConfig
 
 MAX_SIZE = 1_000_000  # sizes, widths, depths, batch sizes: anything larger is a typo
 MAX_COUNT = 1_000_000_000  # steps, sample counts, intervals
@@ -201,8 +205,10 @@ class LossConfig(_Section):
             yield _Issue(("masked_only",), True, "false for a cross_entropy loss")
 
 
-class ConductorConfig(_Section):
-    """`method` plus every GradientConductor parameter, with the library's names and defaults."""
+class _ConductorSection(_Section):
+    """`method` plus every field of `gcond.ConductorConfig`, with the library's names, types and
+    defaults (see `_conductor_fields`); the library checks the values, so a rule is written once.
+    """
 
     # sum: plain accumulation; sum-log / sum-normalized: sum with loss_scale log / initial;
     # pcgrad, upgrad, mgda, cagrad: TorchJD (pip install 'gcond[torchjd]')
@@ -217,46 +223,46 @@ class ConductorConfig(_Section):
         "mgda",
         "cagrad",
     ] = "conductor"
-    accumulation_steps: Size = 8
-    accumulation: Literal["full", "stochastic"] = "full"
-    resolution: Literal["zones", "smooth"] = "zones"
-    conflict_thresholds: tuple[Cosine, Cosine, Cosine] = (-0.8, -0.5, 0.0)
-    projection_max_iters: Size | None = None
-    dominance_window: int = Field(3, ge=0, le=MAX_SIZE)
-    tie_breaking_weights: tuple[NonNegative, NonNegative] = (0.8, 0.2)
-    norm_ema_beta: Beta = 0.95
-    norm_cap: Positive | None = None
-    momentum_beta: Beta = 0.0
-    use_lion: bool = False
-    trust_ratio_coef: Positive | None = None
-    trust_ratio_clip: Positive = 10.0
-    remap_power: Positive = 2.0
-    return_raw_grad: bool = False
-    freeze_bn: bool = True
-    grad_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    ddp_sync: Literal["grads", "update", "none"] = "grads"
-    # full mode: one batched backward or K backwards over the retained graph ("auto": batched,
-    # sequential if it cannot run; "benchmark": times both on the first micro-batch)
-    per_loss_backward: Literal["auto", "batched", "sequential", "benchmark"] = "auto"
-    eps: Positive = 1e-8
 
-    @field_validator("conflict_thresholds")
-    @classmethod
-    def _non_decreasing(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if not value[0] <= value[1] <= value[2]:
-            raise _invalid("non-decreasing cosines [critical, main, weak]")
-        return value
+    def _library_values(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in LibraryConductorConfig.__dataclass_fields__}
+        if self.method == "conductor-stochastic":
+            values["accumulation"] = "stochastic"
+        return values
 
-    @field_validator("tie_breaking_weights")
-    @classmethod
-    def _positive_sum(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if sum(value) <= 0:
-            raise _invalid("[stability, strength] weights with a positive sum")
-        return value
+    def library_config(self) -> LibraryConductorConfig:
+        """The `gcond.ConductorConfig` this section sets, passed whole to the conductor."""
+        return LibraryConductorConfig(**self._library_values())
 
     def _issues(self) -> Iterator[_Issue]:
-        if self.use_lion and self.momentum_beta == 0:
-            yield _Issue(("momentum_beta",), 0.0, "a value > 0 when use_lion is true")
+        for problem in LibraryConductorConfig.check(**self._library_values()):
+            yield _Issue(problem.path, problem.value, problem.expected)
+
+
+# The recipe's own defaults where they differ from the library's.
+_RECIPE_DEFAULTS = {"accumulation_steps": 8}
+
+
+def _conductor_fields() -> dict[str, Any]:
+    """Every `gcond.ConductorConfig` field as a recipe field: the library's annotation (capped at
+    MAX_SIZE for integers: anything larger is a typo) and default."""
+    hints = get_type_hints(LibraryConductorConfig)
+    fields = {}
+    for field in dataclasses.fields(LibraryConductorConfig):
+        annotation = hints[field.name]
+        if annotation in (int, int | None):
+            annotation = Annotated[annotation, Field(le=MAX_SIZE)]
+        fields[field.name] = (annotation, _RECIPE_DEFAULTS.get(field.name, field.default))
+    return fields
+
+
+ConductorConfig = create_model(
+    "ConductorConfig",
+    __base__=_ConductorSection,
+    __doc__=_ConductorSection.__doc__,
+    __module__=__name__,
+    **_conductor_fields(),
+)
 
 
 class OptimizerConfig(_Section):
@@ -422,18 +428,9 @@ class Recipe(_Section):
                 )
 
     def _accumulation_issues(self) -> Iterator[_Issue]:
-        stochastic = (
-            self.conductor.accumulation == "stochastic"
-            or self.conductor.method == "conductor-stochastic"
-        )
-        steps = self.conductor.accumulation_steps
-        if stochastic and steps < len(self.losses):
-            yield _Issue(
-                ("conductor", "accumulation_steps"),
-                steps,
-                f"at least the number of losses ({len(self.losses)}) for stochastic "
-                "accumulation, which gives each micro-batch to one loss",
-            )
+        config = self.conductor.library_config()
+        for problem in config.problems_with_losses(len(self.losses)):
+            yield _Issue(("conductor", *problem.path), problem.value, problem.expected)
 
 
 # ---------------------------------------------------------------------------------------------

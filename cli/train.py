@@ -380,7 +380,7 @@ def backward_description(method: Any) -> str | None:
     mode = per_loss_backward_mode(method)
     if mode is None:
         return None
-    text = f"{mode} backward (per_loss_backward: {method.per_loss_backward}"
+    text = f"{mode} backward (per_loss_backward: {method.config.per_loss_backward}"
     timings = method.backward_timings
     if timings:
         times = ", ".join(f"{way} {1000 * t:.1f} ms" for way, t in timings.items())

@@ -1,4 +1,4 @@
-"""The arbitrator: who wins a main or critical conflict (SPEC §1.3, steps 3 and 6)."""
+"""The arbitrator: who wins a main or critical conflict (docs/algorithm.md, steps 3 and 6)."""
 
 from __future__ import annotations
 

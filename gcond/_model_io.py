@@ -11,7 +11,7 @@ from torch import nn
 
 
 def call_model(model: nn.Module, x: Any) -> Any:
-    """``model(x)``; ``model(*x)`` for a tuple/list; ``model(**x)`` for a mapping (SPEC §1.1)."""
+    """``model(x)``; ``model(*x)`` for a tuple/list; ``model(**x)`` for a mapping."""
     if isinstance(x, Mapping):
         return model(**x)
     if isinstance(x, (tuple, list)):

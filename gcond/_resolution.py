@@ -1,4 +1,4 @@
-"""Conflict resolution as pure functions over K per-loss gradients (SPEC §1.3, step 5).
+"""Conflict resolution as pure functions over K per-loss gradients (docs/algorithm.md, step 5).
 
 Every rule of the resolution step is linear in the gradients: a projection replaces one row of the
 stack ``G`` (K×P) by a combination of two rows, a winner-takes-all zeroes a row, the norm cap
@@ -115,7 +115,7 @@ def resolve_gram(
     eps: float = 1e-8,
     scale: torch.Tensor | None = None,
 ) -> Resolution:
-    """Decide the resolution of K gradients from their Gram matrix (SPEC §1.3 step 5).
+    """Decide the resolution of K gradients from their Gram matrix (docs/algorithm.md, step 5).
 
     ``gram`` is K×K; ``scale`` (K) pre-scales each gradient (the norm cap). ``arbitrate`` picks
     winners; the default lets the larger gradient win, ties to the lower index.

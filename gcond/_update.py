@@ -1,8 +1,17 @@
-"""The conductor's own momentum, Lion-style sign updates and the trust ratio (SPEC §1.3 step 8)."""
+"""Update: merge, the conductor's own momentum, Lion's sign, the trust ratio, and ``p.grad``
+(docs/algorithm.md, steps 7-9)."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+import torch.distributed as dist
+
+from ._accumulate import Gradients, split
+from ._config import ConductorConfig
+from ._distributed import distributed
 
 
 class Momentum:
@@ -47,3 +56,83 @@ def apply_trust_ratio_(
     ratio = (coef * p_norms / u_norms.clamp_min(eps)).clamp_max(clip)
     ratio = torch.where((p_norms > eps) & (u_norms > eps), ratio, torch.ones_like(ratio))
     torch._foreach_mul_(updates, list(ratio.to(updates[0].dtype).unbind()))
+
+
+class Updater:
+    """Writes ``p.grad`` from the gradients and their merge weights, through one flat P-sized
+    buffer that the ``p.grad`` tensors are views of (when dtypes match: no copy).
+
+    ``steps`` counts the applied (non-skipped) steps: t of the bias correction.
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        config: ConductorConfig,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        group: Any = None,
+    ) -> None:
+        self.params, self.config, self.scaler, self.group = params, config, scaler, group
+        self.device = params[0].device
+        numels, shapes = [p.numel() for p in params], [tuple(p.shape) for p in params]
+        dtypes = {p.dtype for p in params}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        self.buffer = torch.zeros(sum(numels), dtype=dtype, device=self.device)
+        self._views = split(self.buffer, numels, shapes)
+        self.momentum = Momentum(
+            sum(numels),
+            config.momentum_beta,
+            use_lion=config.use_lion,
+            dtype=getattr(torch, config.grad_dtype),
+            device=self.device,
+        )
+        self.steps = 0
+
+    def apply(self, gradients: Gradients, weights: torch.Tensor) -> float:
+        """Merge ``g = Σ_k w_k g_k``, turn it into the direction (momentum, sign, trust ratio,
+        unless ``return_raw_grad``), write ``p.grad``; returns the norm of what was written."""
+        cfg, update, stack = self.config, self.buffer, gradients.stack
+        w = weights.tolist()
+        torch.mul(stack[0], w[0], out=update)  # one fused pass over P per loss
+        for j in range(1, len(w)):
+            if w[j] != 0.0:
+                update.add_(stack[j], alpha=w[j])
+        self.steps += 1
+        direction_is_g = cfg.return_raw_grad or (
+            self.momentum.buffer is None and not cfg.use_lion and cfg.trust_ratio_coef is None
+        )
+        if not cfg.return_raw_grad:
+            self.momentum.apply_(update, self.steps)
+            if cfg.trust_ratio_coef is not None:
+                apply_trust_ratio_(
+                    self._views, self.params, cfg.trust_ratio_coef, cfg.trust_ratio_clip, cfg.eps
+                )
+        if cfg.ddp_sync == "update" and distributed(self.group):
+            update.div_(dist.get_world_size(self.group))
+            dist.all_reduce(update, group=self.group)
+            direction_is_g = False
+        if direction_is_g:
+            # ‖Σ w_k g_k‖² = wᵀ·Gram·w: exact, and no second sync.
+            norm = math.sqrt(max(float(weights @ gradients.gram @ weights), 0.0))
+        else:
+            norm = float(torch.linalg.vector_norm(update))  # a host-device sync
+        if self.scaler is not None:
+            # scaler.step() unscales p.grad: hand it a scaled update.
+            update.mul_(self.scaler.scale(torch.ones((), device=self.device)))
+        self._write()
+        return norm
+
+    def skip(self) -> None:
+        """Leave the optimizer unable to change the weights: ``p.grad`` None, or non-finite
+        under a GradScaler, so ``scaler.step()`` skips and ``update()`` backs off the scale."""
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.buffer.fill_(math.inf)
+            self._write()
+        else:
+            for p in self.params:
+                p.grad = None
+
+    def _write(self) -> None:
+        for p, view in zip(self.params, self._views, strict=True):
+            p.grad = view if view.dtype == p.dtype else view.to(p.dtype)

@@ -1,4 +1,5 @@
-"""Constructor checks: every bad value names the parameter and the value (SPEC §1.2)."""
+"""Checks of the constructor's own arguments (model, losses, λ, precision objects); every bad
+value names the argument and the value. The tuning parameters are checked by ConductorConfig."""
 
 from __future__ import annotations
 
@@ -50,23 +51,6 @@ def check_real(
         hi = "inf" if high is None else f"{high}"
         interval = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
-
-
-def check_int(name: str, value: Any, *, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-
-
-def check_real_tuple(name: str, value: Any, length: int) -> tuple[float, ...]:
-    if not isinstance(value, (tuple, list)) or len(value) != length:
-        raise TypeError(f"{name} must be a tuple of {length} numbers, got {value!r}")
-    for i, v in enumerate(value):
-        check_real(f"{name}[{i}]", v)
-    return tuple(float(v) for v in value)
 
 
 def check_mapping(name: str, value: Any) -> None:

@@ -220,9 +220,10 @@ def scenario_benchmark(rank: int) -> dict[str, Any]:
 
         return run
 
-    cond._batched_grads = costing(cond._batched_grads, "batched")
-    cond._backward_sequential = costing(cond._backward_sequential, "sequential")
-    cond._clock = lambda: now[0]
+    acc = cond.accumulator
+    acc._batched_grads = costing(acc._batched_grads, "batched")
+    acc._backward_sequential = costing(acc._backward_sequential, "sequential")
+    acc._clock = lambda: now[0]
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     result = train(cond, model, opt, rank, range(2))
     result["mode"] = cond.backward_mode

@@ -1,4 +1,4 @@
-"""The arbitrator (SPEC §1.3 steps 3 and 6): norm EMAs, stability and strength scores, the
+"""The arbitrator (docs/algorithm.md, steps 3 and 6): norm EMAs, stability and strength scores, the
 dominance rule, ties, history and state."""
 
 from __future__ import annotations

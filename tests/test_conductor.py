@@ -1,5 +1,5 @@
 """GradientConductor end to end: exact per-loss gradients on models where they are known in
-closed form, accumulation modes, precision, skipping, state (SPEC §1)."""
+closed form, accumulation modes, precision, skipping, state (docs/algorithm.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gcond import GradientConductor
+from gcond import ConductorConfig, GradientConductor
 
 # ----------------------------------------------------------------------------- closed-form models
 
@@ -59,7 +59,7 @@ def assert_close_list(actual, expected, tol=1e-6):
         assert a == pytest.approx(e, abs=tol), (actual, expected)
 
 
-# ----------------------------------------------------------------------------- SPEC §1.1
+# ----------------------------------------------------------------------------- usage
 
 
 def test_seed_usage_snippet_runs_as_written():
@@ -435,15 +435,16 @@ def test_a_parameter_no_loss_reaches_this_step_gets_exactly_zero_gradient(
 
 
 class FakeClock:
-    """Stands in for ``GradientConductor._clock``: each timed backward takes ``seconds[way]``."""
+    """Stands in for the accumulator's clock: each timed backward takes ``seconds[way]``."""
 
     def __init__(self, cond: GradientConductor, seconds: dict[str, float]) -> None:
         self.now, self.seconds, self.calls = 0.0, seconds, 0
-        self.batched = cond._batched_grads
-        self.sequential = cond._backward_sequential
-        cond._batched_grads = self.timed(self.batched, "batched")
-        cond._backward_sequential = self.timed(self.sequential, "sequential")
-        cond._clock = self.clock
+        acc = cond.accumulator
+        self.batched = acc._batched_grads
+        self.sequential = acc._backward_sequential
+        acc._batched_grads = self.timed(self.batched, "batched")
+        acc._backward_sequential = self.timed(self.sequential, "sequential")
+        acc._clock = self.clock
 
     def timed(self, fn, way):
         def run(*args, **kwargs):
@@ -891,5 +892,8 @@ def test_repr_shows_every_constructor_argument():
     import inspect
 
     text = repr(GradientConductor(**_good_kwargs()))
-    for name in inspect.signature(GradientConductor).parameters:
+    for name, parameter in inspect.signature(GradientConductor).parameters.items():
+        if parameter.kind != parameter.VAR_KEYWORD:  # **options: the config's fields
+            assert f"{name}=" in text
+    for name in inspect.signature(ConductorConfig).parameters:
         assert f"{name}=" in text

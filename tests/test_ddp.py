@@ -1,4 +1,4 @@
-"""GradientConductor under DistributedDataParallel: the three ``ddp_sync`` modes (SPEC §1.2, §1.7).
+"""GradientConductor under DistributedDataParallel: the three ``ddp_sync`` modes (see docs).
 
 Two CPU processes in a gloo group (loopback only) run every scenario of ``_ddp_worker`` once;
 the tests compare the ranks with each other and with single-process references built here from

@@ -106,13 +106,16 @@ EXPECTED: dict[str, tuple[str, str]] = {
         "0f2cb472bb1c7c9c00d66658461239e8b582471d142880f7149b6ef79de3112a",
         "ca524b25d1cdd22bddc93f1e20075fd4cfed39176290144b6f9ed0fc39a4a6e0",
     ),
+    # The TorchJD methods were re-recorded when TorchJD became a resolver (its weighting of the
+    # Gram matrix, then the conductor's merge) instead of a side path (the aggregator applied to
+    # the K×P stack): the two differ in float32 rounding (relative 1e-6 on random stacks).
     "multitask_rotation-pcgrad": (
-        "ff5926538ca7aa2f7b92d912dc45b0c1bd947ba0d364a1151a5fcf92c55cf8c0",
-        "6247e509054a53e55962755f20290dccf597c894226309f53dd5b12d08dc1561",
+        "30d3f86925795493b787737800ade9c96fd0405a28cac83a76dc9abad4f46cce",
+        "0229e5d91809ddb96eeb98f166502e82869832f1d95d72da5ab1664065ed3c96",
     ),
     "multitask_rotation-mgda": (
-        "fa56a5a7d14318e1ecaf863ba98aa9666e035431b5bc29f51195f6ada8928b73",
-        "1b6b4895af2e1cac4d727022ecd14bbfc1ffff9d8f9f6eca537edad12da30b44",
+        "da6f14ada5670533c9de51b4b5ea4683bfbf809d4d6bacaf253fc01be786088e",
+        "22b6de377bf1cff92d6727e8c13c20b24f68f83c140e9f135705cc65aff43b53",
     ),
 }
 

@@ -31,7 +31,7 @@ RECIPE = {
 
 
 def step_stats(step: int) -> dict[str, float]:
-    """What a conductor step reports (SPEC §1.4), for two losses."""
+    """What a conductor step reports (docs/algorithm.md, "Statistics"), for two losses."""
     return {
         "loss/l1": 0.1,
         "loss/ssim": 0.2,

@@ -1,5 +1,5 @@
-"""Conflict resolution math (SPEC §1.3 step 5): golden values on tiny hand-made stacks, then
-properties over hypothesis-generated families of K×P gradient stacks."""
+"""Conflict resolution math (docs/algorithm.md, step 5): golden values on tiny hand-made
+stacks, then properties over hypothesis-generated families of K×P gradient stacks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TorchJD methods through our wiring (recipe -> build_method -> GradientConductor(aggregator=...)).
+"""TorchJD methods through our wiring: recipe -> build_method -> GradientConductor(resolver=...).
 
 The model is one parameter vector θ and loss k is ⟨c_k, θ⟩ (times a per-micro-batch scale the
 target carries), so the per-loss gradients are the chosen rows c_k and the written ``p.grad``
@@ -15,7 +15,7 @@ from torch import nn
 from gcond_cli.methods import (
     METHODS,
     MethodUnavailable,
-    TorchJDConductor,
+    TorchJDResolver,
     build_method,
     method_unavailable,
     torchjd_aggregator,
@@ -109,7 +109,7 @@ def test_pcgrad_leaves_the_global_random_stream_alone_and_resumes_its_own() -> N
     rows = [[1.0, 0.0, 0.5], [-1.0, 1.0, 0.0], [0.2, -1.0, 1.0]]
     torch.manual_seed(3)
     _, method = _build("pcgrad", rows, accumulation_steps=1)
-    assert isinstance(method, TorchJDConductor)
+    assert isinstance(method.resolver, TorchJDResolver)
     before = torch.get_rng_state()
     method.step(_provider([[1.0] * 3]))
     assert torch.equal(torch.get_rng_state(), before)

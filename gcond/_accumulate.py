@@ -1,0 +1,372 @@
+"""Accumulation: one gradient per loss over the step's micro-batches (docs/algorithm.md, step 1).
+
+The K per-loss gradients live in one flat K×P stack (row k = g_k), so the Gram matrix is K(K+1)/2
+dot products and every later pass over them is one fused operation over P elements. Two stacks
+swap roles each step: this step's gradients become the next step's previous ones without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._config import ConductorConfig
+from ._distributed import distributed, mean_over_ranks_, summed_over_ranks
+from ._model_io import autocast, call_model, frozen_batchnorm
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+DataProvider = Callable[[], Any]
+
+
+@dataclass
+class Gradients:
+    """What accumulation hands on to resolution and update.
+
+    ``stack`` (K×P, on the device, unscaled) holds g_1..g_K; the rest was read from the device in
+    one transfer: their Gram matrix (K×K, float64, on the host), each loss's mean value over the
+    step, and cos(g_k, g_k of the previous step) (None on the first step).
+    """
+
+    stack: torch.Tensor
+    gram: torch.Tensor
+    loss_means: list[float]
+    prev_cosines: list[float] | None
+
+    @property
+    def norms(self) -> list[float]:
+        """‖g_k‖ from the Gram matrix's diagonal."""
+        return [math.sqrt(max(x, 0.0)) for x in self.gram.diagonal().tolist()]
+
+    @property
+    def nonfinite(self) -> list[bool]:
+        """Which losses have a NaN/inf gradient (or one whose squared norm overflows).
+
+        In a batched backward a NaN from one loss reaches every row (0·NaN = NaN), so a loss is
+        blamed by its own value first, and by its gradient only when every value is finite.
+        """
+        bad = [not math.isfinite(x) for x in self.gram.diagonal().tolist()]
+        bad_values = [not math.isfinite(x) for x in self.loss_means]
+        return bad_values if any(bad) and any(bad_values) else bad
+
+
+class Accumulator:
+    """Fills the K×P stack over one step's micro-batches: full or stochastic, batched or
+    sequential per-loss backward, under autocast and a GradScaler when given, and synchronises
+    the accumulators over DDP ranks when ``config.ddp_sync == "grads"``.
+
+    ``module`` is the model to run (the module a DDP wrapper holds: DDP's own all-reduce never
+    fires, the one collective is ours); ``params`` its trainable parameters.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: list[torch.Tensor],
+        loss_fns: dict[str, LossFn],
+        lambdas: dict[str, float],
+        config: ConductorConfig,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        group: Any = None,
+    ) -> None:
+        self.module, self.params, self.config = module, params, config
+        self.loss_fns, self.loss_names = loss_fns, list(loss_fns)
+        self.autocast_dtype, self.scaler, self.group = autocast_dtype, scaler, group
+        self.device = params[0].device
+        self._shapes = [tuple(p.shape) for p in params]
+        self._numels = [p.numel() for p in params]
+        k, numel = len(self.loss_names), sum(self._numels)
+        dtype = getattr(torch, config.grad_dtype)
+        self._stacks = [torch.zeros(k, numel, dtype=dtype, device=self.device) for _ in "ab"]
+        self._stack_views = [
+            [split(s[j], self._numels, self._shapes) for j in range(k)] for s in self._stacks
+        ]
+        self._current = 0
+        self._fresh = [False] * k  # rows not yet written this step
+        self._loss_sums = torch.zeros(k, dtype=torch.float32, device=self.device)
+        self._eye = torch.eye(k, dtype=torch.float32, device=self.device)
+        self._scales = self._backward_scales(lambdas)
+        self.has_prev = False
+        self.prev_norms = [0.0] * k
+        # Batched backward (True) or sequential (False); None until the first full-mode
+        # micro-batch decides ("auto" tries the batched one, "benchmark" times both).
+        self.batched_ok: bool | None = {"batched": True, "sequential": False}.get(
+            config.per_loss_backward
+        )
+        # Seconds of one micro-batch's per-loss backward each way, when "benchmark" timed them.
+        self.backward_timings: dict[str, float] | None = None
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def stack(self) -> torch.Tensor:
+        """This step's K×P accumulators."""
+        return self._stacks[self._current]
+
+    @property
+    def prev_stack(self) -> torch.Tensor:
+        """The previous step's raw K×P gradients (meaningful once ``has_prev``)."""
+        return self._stacks[1 - self._current]
+
+    @property
+    def backward_mode(self) -> str:
+        """``batched``, ``sequential``, or ``per_loss_backward`` itself until decided."""
+        return {None: self.config.per_loss_backward, True: "batched", False: "sequential"}[
+            self.batched_ok
+        ]
+
+    def accumulate(self, data_provider: DataProvider) -> Gradients:
+        """Run the step's N micro-batches into the stack, synchronise it over DDP ranks if asked,
+        and read what resolution needs from the device (:meth:`summarize`)."""
+        self._fresh = [True] * len(self.loss_names)  # no zeroing pass: first writes copy
+        self._loss_sums.zero_()
+        with frozen_batchnorm(self.module, self.config.freeze_bn):
+            for i in range(self.config.accumulation_steps):
+                self._micro_batch(data_provider, i)
+        if self.config.ddp_sync == "grads" and distributed(self.group):
+            # One flat collective for all K accumulators, and a K-sized one for the loss sums.
+            mean_over_ranks_(self.stack, self.group)
+            mean_over_ranks_(self._loss_sums, self.group)
+        return self.summarize()
+
+    def summarize(self) -> Gradients:
+        """Unscale the stack (GradScaler) and read its Gram matrix, the loss means and the dots
+        with last step's gradients in one transfer: the one host-device sync of the step."""
+        acc, prev, k = self.stack, self.prev_stack, len(self.loss_names)
+        if self.scaler is not None and self.scaler.is_enabled():
+            acc.mul_(self.scaler.scale(torch.ones((), device=self.device)).reciprocal())
+        # Dot products rather than a K×P @ P×K GEMM or a batched GEMV: with P in the tens of
+        # millions those pick slow reduction kernels (measured: ~19 ms for P = 25M on an H100),
+        # while each dot is one bandwidth-bound pass.
+        parts = [gram_of(acc).flatten(), self._loss_sums]
+        if self.has_prev:
+            parts.append(torch.stack([torch.dot(acc[i], prev[i]) for i in range(k)]).float())
+        host = torch.cat(parts).to("cpu", torch.float64)  # sync
+        gram = host[: k * k].reshape(k, k)
+        means = (host[k * k : k * k + k] / self.config.accumulation_steps).tolist()
+        prev_cosines = None
+        if self.has_prev:
+            norms = [math.sqrt(max(x, 0.0)) for x in gram.diagonal().tolist()]
+            eps = self.config.eps
+            prev_cosines = [
+                d / (n * pn) if n * pn > eps else 0.0
+                for d, n, pn in zip(host[k * k + k :].tolist(), norms, self.prev_norms, strict=True)
+            ]
+        return Gradients(acc, gram, means, prev_cosines)
+
+    def commit(self, norms: list[float]) -> None:
+        """The step was applied: its raw gradients become the next step's previous ones."""
+        self.prev_norms = norms
+        self.has_prev = True
+        self._current = 1 - self._current
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "has_prev": self.has_prev,
+            "prev_grads": self.prev_stack.detach().clone() if self.has_prev else None,
+            "prev_norms": torch.tensor(self.prev_norms, dtype=torch.float64),
+            "batched_backward": self.batched_ok,
+            "backward_timings": self.backward_timings,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.has_prev = bool(state["has_prev"])
+        self.prev_norms = [float(x) for x in state["prev_norms"].tolist()]
+        if self.has_prev:
+            self.prev_stack.copy_(state["prev_grads"])
+        if self.config.per_loss_backward in ("auto", "benchmark"):
+            self.batched_ok = state.get("batched_backward")
+            self.backward_timings = state.get("backward_timings")
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def _micro_batch(self, data_provider: DataProvider, index: int) -> None:
+        batch = data_provider()
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(
+                f"data_provider() must return (input, target), got {type(batch).__name__}"
+                f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}"
+            )
+        x, target = batch
+        k = len(self.loss_names)
+        # Stochastic mode differentiates only the loss this micro-batch serves; the others are
+        # computed for the statistics alone, without recording a graph.
+        served = index % k if self.config.accumulation == "stochastic" else None
+        with autocast(self.device, self.autocast_dtype):
+            output = call_model(self.module, x)
+            losses = []
+            for j, name in enumerate(self.loss_names):
+                with torch.set_grad_enabled(served is None or served == j):
+                    losses.append(self._loss(name, output, target))
+        values = torch.stack([loss.float() for loss in losses])  # (K,)
+        self._loss_sums += values.detach()
+        weighted = values * self._scales
+        if self.scaler is not None:
+            weighted = self.scaler.scale(weighted)
+        if served is not None:
+            self._add_row(served, self._grads(weighted[served]))
+        elif k == 1:
+            self._add_row(0, self._grads(weighted[0]))
+        else:
+            self._backward_full(weighted)
+
+    def _loss(self, name: str, output: Any, target: Any) -> torch.Tensor:
+        loss = self.loss_fns[name](output, target)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TypeError(f"loss_fns[{name!r}] must return a scalar tensor, got {shape}")
+        return loss
+
+    def _backward_scales(self, lambdas: dict[str, float]) -> torch.Tensor:
+        """λ_k / (micro-batches that serve loss k), so each g_k is a λ-weighted mean."""
+        k, n = len(self.loss_names), self.config.accumulation_steps
+        scales = []
+        for j, name in enumerate(self.loss_names):
+            served = n if self.config.accumulation == "full" else len(range(j, n, k))
+            scales.append(lambdas[name] / served)
+        return torch.tensor(scales, dtype=torch.float32, device=self.device)
+
+    def _backward_full(self, weighted: torch.Tensor) -> None:
+        if self.batched_ok is None and self.config.per_loss_backward == "benchmark":
+            self._choose_backward(weighted)
+        elif self.batched_ok is None:  # "auto": the batched one, unless it cannot run
+            try:
+                grads = self._batched_grads(weighted, retain=True)
+            except RuntimeError:
+                self.batched_ok = False
+                self._backward_sequential(weighted, retain=False)
+            else:
+                self.batched_ok = True
+                self._add_batched(grads)
+        elif self.batched_ok:
+            self._add_batched(self._batched_grads(weighted, retain=False))
+        else:
+            self._backward_sequential(weighted, retain=False)
+
+    def _batched_grads(
+        self, weighted: torch.Tensor, retain: bool
+    ) -> tuple[torch.Tensor | None, ...]:
+        return torch.autograd.grad(
+            weighted,
+            self.params,
+            grad_outputs=self._eye,
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=retain,
+        )
+
+    def _backward_sequential(
+        self, weighted: torch.Tensor, retain: bool, accumulate: bool = True
+    ) -> None:
+        """K backwards over the retained graph (``accumulate=False`` only times them)."""
+        last = len(self.loss_names) - 1
+        for k in range(len(self.loss_names)):
+            grads = self._grads(weighted[k], retain=retain or k < last)
+            if accumulate:
+                self._add_row(k, grads)
+
+    def _choose_backward(self, weighted: torch.Tensor) -> None:
+        """``per_loss_backward="benchmark"``, first full-mode micro-batch: time both ways on its
+        graph, twice each (the first run of each pays one-time costs), and keep the faster for
+        good. This micro-batch is accumulated once."""
+        timings: dict[str, float] = {}
+        try:
+            times = []
+            for attempt in range(2):
+                start = self._clock()
+                grads = self._batched_grads(weighted, retain=True)
+                times.append(self._clock() - start)
+                if attempt == 0:
+                    self._add_batched(grads)
+                del grads
+            timings["batched"] = min(times)
+            accumulated = True
+        except RuntimeError:  # no batched backward for this model at all
+            timings["batched"] = math.inf
+            accumulated = False
+        times = []
+        for attempt in range(2):
+            keep = attempt == 0 and not accumulated
+            start = self._clock()
+            self._backward_sequential(weighted, retain=attempt == 0, accumulate=keep)
+            times.append(self._clock() - start)
+        timings["sequential"] = min(times)
+        if self.config.ddp_sync != "none" and distributed(self.group):
+            # Every rank takes the same way: decided on the timings summed over the ranks.
+            both = summed_over_ranks(
+                [timings["batched"], timings["sequential"]], self.group, self.device
+            )
+            timings = dict(zip(("batched", "sequential"), both, strict=True))
+        self.batched_ok = timings["batched"] <= timings["sequential"]
+        self.backward_timings = timings
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _add_batched(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+        """Accumulate batched (K, *shape) gradients, row k into loss k's accumulator."""
+        for k in range(len(self.loss_names)):
+            self._add_row(k, [None if g is None else g[k] for g in grads])
+
+    def _add_row(self, k: int, grads: Sequence[torch.Tensor | None]) -> None:
+        """Accumulate one loss's gradients into its row of the stack. The row's first
+        contribution of a step is copied (and zeros where a parameter got no gradient), which
+        spares zeroing the K×P stack and one read of it each step."""
+        views = self._stack_views[self._current][k]
+        pairs = [(v, g) for v, g in zip(views, grads, strict=True) if g is not None]
+        if self._fresh[k]:
+            self._fresh[k] = False
+            missing = [v for v, g in zip(views, grads, strict=True) if g is None]
+            if missing:
+                torch._foreach_zero_(missing)
+            _foreach_into(pairs, copy=True)
+        else:
+            _foreach_into(pairs, copy=False)
+
+    def _grads(self, loss: torch.Tensor, retain: bool = False) -> tuple[torch.Tensor | None, ...]:
+        return torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain)
+
+
+def _foreach_into(pairs: list[tuple[torch.Tensor, torch.Tensor]], copy: bool) -> None:
+    """``dst = src`` or ``dst += src`` for every pair. Contiguous pairs go to one multi-tensor
+    kernel, the rest apart: a single strided tensor sends a whole foreach list down its slow
+    path (one kernel per tensor)."""
+    if not pairs:
+        return
+    dtype = pairs[0][0].dtype
+    dense: list[tuple[torch.Tensor, torch.Tensor]] = []
+    strided: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for pair in pairs:
+        (dense if pair[1].is_contiguous() else strided).append(pair)
+    for group in (dense, strided):
+        if group:
+            dst, src = [d for d, _ in group], [s.to(dtype) for _, s in group]
+            if copy:
+                torch._foreach_copy_(dst, src)
+            else:
+                torch._foreach_add_(dst, src)
+
+
+def gram_of(stack: torch.Tensor) -> torch.Tensor:
+    """K×K Gram matrix of the rows of a K×P stack, in float32, from K(K+1)/2 dot products."""
+    k = stack.shape[0]
+    dots = {(i, j): torch.dot(stack[i], stack[j]) for i in range(k) for j in range(i, k)}
+    return torch.stack(
+        [torch.stack([dots[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)]
+    ).float()
+
+
+def split(
+    flat: torch.Tensor, numels: list[int], shapes: list[tuple[int, ...]]
+) -> list[torch.Tensor]:
+    """Views of a flat buffer shaped like the parameters."""
+    return [t.view(s) for t, s in zip(flat.split(numels), shapes, strict=True)]

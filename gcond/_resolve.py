@@ -1,0 +1,151 @@
+"""Resolution: from the K per-loss gradients' Gram matrix to K merge weights
+(docs/algorithm.md, steps 3-6).
+
+A resolver is anything with ``resolve(gradients) -> Resolved`` and a state: the conductor's own
+(:class:`ConflictResolver`: zones or the smooth rule, the arbitrator, the norm cap) or a
+weighting of the Gram matrix such as one of TorchJD's aggregators
+(:class:`WeightingResolver`). Either way the merge that follows is ``Σ_k w_k g_k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ._accumulate import Gradients
+from ._arbitrator import Arbitrator
+from ._config import ConductorConfig
+from ._resolution import ZONES, Resolution, resolve_gram
+
+
+@dataclass
+class Resolved:
+    """Merge weights ``w`` (K, float64, on the host: the update is ``Σ_k w_k g_k``) and the
+    resolver's statistics for this step."""
+
+    weights: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Resolver(Protocol):
+    """Turns one step's gradients into merge weights; its state is part of the conductor's."""
+
+    def resolve(self, gradients: Gradients) -> Resolved: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def norm_cap_scales(norms: Sequence[float], cap: float | None) -> torch.Tensor | None:
+    """Per-loss factors that bring each ‖g_k‖ down to ``cap`` (1 where it is below), or None."""
+    if cap is None:
+        return None
+    return torch.tensor([min(1.0, cap / n) if n > 0 else 1.0 for n in norms])
+
+
+class ConflictResolver:
+    """The conductor's resolution: the most conflicting pair, zone by zone (or by the smooth
+    rule), with the arbitrator choosing winners, on the Gram matrix alone (see
+    :func:`gcond.resolve_gram`). Statistics: ``proj_iters``, ``conflicts/<zone>``,
+    ``wins/<loss>``, ``dominance`` and ``norm_ema/<loss>``."""
+
+    def __init__(self, loss_names: Sequence[str], config: ConductorConfig) -> None:
+        self.loss_names = list(loss_names)
+        self.config = config
+        self.arbitrator = Arbitrator(
+            len(self.loss_names),
+            dominance_window=config.dominance_window,
+            tie_breaking_weights=config.tie_breaking_weights,  # type: ignore[arg-type]
+            norm_ema_beta=config.norm_ema_beta,
+            eps=config.eps,
+        )
+        self.last: Resolution | None = None  # the latest decisions, for inspection
+
+    def resolve(self, gradients: Gradients) -> Resolved:
+        cfg, names = self.config, self.loss_names
+        norms = gradients.norms
+        # Scores are set once per step, from the raw gradients (before cap and projections).
+        self.arbitrator.observe(norms, gradients.prev_cosines)
+        wins = dict.fromkeys(names, 0)
+        dominance = 0
+
+        def arbitrate(i: int, j: int) -> int:
+            nonlocal dominance
+            winner, by_dominance = self.arbitrator.pick(i, j)
+            wins[names[winner]] += 1
+            dominance += by_dominance
+            return winner
+
+        res = resolve_gram(
+            gradients.gram,
+            cfg.conflict_thresholds,
+            max_iters=cfg.projection_max_iters,
+            mode=cfg.resolution,
+            arbitrate=arbitrate,
+            remap_power=cfg.remap_power,
+            eps=cfg.eps,
+            scale=norm_cap_scales(norms, cfg.norm_cap),
+        )
+        self.last = res
+        stats = {"proj_iters": float(res.iterations)}
+        for zone in ZONES:
+            stats[f"conflicts/{zone}"] = float(res.zone_counts[zone])
+        for name in names:
+            stats[f"wins/{name}"] = float(wins[name])
+        stats["dominance"] = float(dominance)
+        for name, n, ema in zip(names, norms, self.arbitrator.norm_ema, strict=True):
+            stats[f"norm_ema/{name}"] = float(ema if ema is not None else n)
+        return Resolved(res.merge_weights, stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"arbitrator": self.arbitrator.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.arbitrator.load_state_dict(state["arbitrator"])
+
+    def norm_emas(self) -> list[float | None]:
+        return list(self.arbitrator.norm_ema)
+
+    def __repr__(self) -> str:
+        return f"ConflictResolver(loss_names={self.loss_names!r}, {self.arbitrator!r})"
+
+
+class WeightingResolver:
+    """Merge weights from a function of the K×K Gram matrix, e.g. TorchJD's
+    ``aggregator.gramian_weighting`` (PCGrad, UPGrad, MGDA, CAGrad are such weightings), fed the
+    same accumulated gradients as the conductor. ``norm_cap`` caps each raw gradient's norm
+    first, as in the conductor. It keeps no state."""
+
+    def __init__(
+        self, weighting: Callable[[torch.Tensor], torch.Tensor], *, norm_cap: float | None = None
+    ) -> None:
+        if not callable(weighting):
+            raise TypeError(f"weighting must be callable, got {weighting!r}")
+        self.weighting = weighting
+        self.norm_cap = norm_cap
+
+    def resolve(self, gradients: Gradients) -> Resolved:
+        gram = gradients.gram
+        scale = norm_cap_scales(gradients.norms, self.norm_cap)
+        if scale is not None:
+            gram = scale[:, None] * gram * scale[None, :]
+        weights = self.weighting(gram).to("cpu", torch.float64)
+        if weights.shape != (gram.shape[0],):
+            raise ValueError(
+                f"weighting must return {gram.shape[0]} weights, got shape {tuple(weights.shape)}"
+            )
+        return Resolved(weights if scale is None else weights * scale)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"WeightingResolver({self.weighting!r}, norm_cap={self.norm_cap!r})"
