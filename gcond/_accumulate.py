@@ -60,8 +60,13 @@ class Accumulator:
     sequential per-loss backward, under autocast and a GradScaler when given, and synchronises
     the accumulators over DDP ranks when ``config.ddp_sync == "grads"``.
 
-    ``module`` is the model to run (the module a DDP wrapper holds: DDP's own all-reduce never
-    fires, the one collective is ours); ``params`` its trainable parameters.
+    * ``module``: the model to run (the module a DDP wrapper holds: DDP's own all-reduce never
+      fires, the one collective is ours); ``params``: its trainable parameters, on one device.
+    * ``loss_fns``, ``lambdas``: ``{name: fn(output, target) -> scalar}`` and ``{name: λ}``.
+    * ``config``: the :class:`ConductorConfig` (``accumulation_steps``, ``accumulation``,
+      ``per_loss_backward``, ``freeze_bn``, ``grad_dtype``, ``ddp_sync``, ``eps`` act here).
+    * ``autocast_dtype``, ``scaler``: as in :class:`GradientConductor`.
+    * ``group``: the process group of the DDP wrapper (None: the default group).
     """
 
     def __init__(

@@ -51,8 +51,9 @@ def norm_cap_scales(norms: Sequence[float], cap: float | None) -> torch.Tensor |
 class ConflictResolver:
     """The conductor's resolution: the most conflicting pair, zone by zone (or by the smooth
     rule), with the arbitrator choosing winners, on the Gram matrix alone (see
-    :func:`gcond.resolve_gram`). Statistics: ``proj_iters``, ``conflicts/<zone>``,
-    ``wins/<loss>``, ``dominance`` and ``norm_ema/<loss>``."""
+    :func:`gcond.resolve_gram`). ``loss_names`` name the statistics; of ``config`` (a
+    :class:`ConductorConfig`) the resolution fields act here. Statistics: ``proj_iters``,
+    ``conflicts/<zone>``, ``wins/<loss>``, ``dominance`` and ``norm_ema/<loss>``."""
 
     def __init__(self, loss_names: Sequence[str], config: ConductorConfig) -> None:
         self.loss_names = list(loss_names)

@@ -62,6 +62,10 @@ class Updater:
     """Writes ``p.grad`` from the gradients and their merge weights, through one flat P-sized
     buffer that the ``p.grad`` tensors are views of (when dtypes match: no copy).
 
+    ``params``: the trainable parameters; ``config``: the :class:`ConductorConfig`
+    (``momentum_beta``, ``use_lion``, ``trust_ratio_coef``, ``trust_ratio_clip``,
+    ``return_raw_grad``, ``grad_dtype``, ``ddp_sync``, ``eps`` act here); ``scaler``: the
+    GradScaler whose scale the written gradient carries; ``group``: the DDP process group.
     ``steps`` counts the applied (non-skipped) steps: t of the bias correction.
     """
 
