@@ -1,15 +1,16 @@
 """The `gcond` command line. Commands parse their arguments, load the recipe and delegate."""
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
-from gcond_cli.recipe import (
+from .errors import EXIT_USAGE, GcondError, print_error
+from .recipe import (
     Recipe,
     RecipeError,
     bundled_recipes,
@@ -71,22 +72,37 @@ def _check_run_name(value: str | None) -> str | None:
     return value
 
 
+Command = TypeVar("Command", bound=Callable[..., None])
+
+
+def _reports_errors(command: Command) -> Command:
+    """The one path of the harness's own errors: a `GcondError` (bad recipe, data, checkpoint or
+    request) is printed and exits 2, without a traceback. Any other exception is a bug and keeps
+    its traceback (exit 1)."""
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except GcondError as exc:
+            print_error(exc)
+            raise typer.Exit(EXIT_USAGE) from None
+
+    return run  # type: ignore[return-value]
+
+
 def _load(recipe: str, overrides: Sequence[str] | None) -> tuple[Recipe, Path]:
-    """The validated recipe and its file; on a bad recipe print every error and exit 2."""
+    """The validated recipe and its file; a bad recipe raises a RecipeError naming every problem."""
     path = resolve_recipe_path(recipe)
     try:
         return load_recipe(path, overrides or ()), path
     except RecipeError as exc:
-        console = Console(stderr=True)
-        count = f"{len(exc.errors)} problem" + ("s" if len(exc.errors) > 1 else "")
-        header = Text(f"Recipe error in {exc.source or path} ({count}):", style="bold red")
-        console.print(header, soft_wrap=True)
-        for line in exc.errors:
-            console.print(Text(f"  - {line}"), soft_wrap=True)
-        raise typer.Exit(2) from None
+        exc.source = exc.source or path
+        raise
 
 
 @app.command()
+@_reports_errors
 def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
@@ -115,17 +131,19 @@ def train(
 ) -> None:
     """Train from a recipe; logs, TensorBoard events and checkpoints go to the run directory.
 
-    Exit code 0 when training finishes, 1 when it fails, 2 on a bad recipe or argument.
+    Exit code 0 when training finishes, 1 when it fails, 2 on a bad recipe, data set, checkpoint
+    or argument (the message says what to change; no traceback).
     Ctrl-C stops after writing a checkpoint. Several GPUs:
     `torchrun --nproc-per-node 4 -m gcond_cli train RECIPE`.
     """
     loaded, path = _load(recipe, overrides)
-    from gcond_cli.train import run_train  # imports torch: only once the recipe is known good
+    from .train import run_train  # imports torch: only once the recipe is known good
 
     raise typer.Exit(run_train(loaded, recipe_path=path, run_name=run_name, resume=resume))
 
 
 @app.command()
+@_reports_errors
 def compare(
     recipe: Annotated[
         str | None,
@@ -189,7 +207,7 @@ def compare(
     directory, where `tensorboard --logdir DIR` overlays every run.
     """
     loaded, path = _load(recipe, overrides) if recipe is not None else (None, None)
-    from gcond_cli.compare import run_compare  # imports torch: only once the recipe is known good
+    from .compare import run_compare  # imports torch: only once the recipe is known good
 
     code = run_compare(
         loaded,
@@ -206,6 +224,7 @@ def compare(
 
 
 @app.command()
+@_reports_errors
 def bench(
     recipe: Annotated[
         str | None,
@@ -292,7 +311,7 @@ def bench(
     Same model, data and settings for every method, in one process; the step is split into
     accumulation (forwards and backwards) and resolution + momentum + write-back.
     """
-    from gcond_cli.bench import run_bench  # imports torch
+    from .bench import run_bench  # imports torch
 
     raise typer.Exit(
         run_bench(
@@ -314,6 +333,7 @@ def bench(
 
 
 @app.command()
+@_reports_errors
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe (with overrides) without training; print it resolved, every default filled in.
 

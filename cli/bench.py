@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_leaves
 import gcond
 from gcond import GradientConductor
 from gcond_cli.compare import parse_methods, parse_variants
-from gcond_cli.data import DatasetError, DeviceDataProvider, build_datasets
+from gcond_cli.data import DeviceDataProvider, build_datasets
 from gcond_cli.losses import build_loss
 from gcond_cli.methods import (
     METHODS,
@@ -61,10 +61,9 @@ from gcond_cli.methods import (
     per_loss_backward_mode,
 )
 from gcond_cli.models import build_model
-from gcond_cli.recipe import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
+from gcond_cli.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
 from gcond_cli.train import (
     EXIT_OK,
-    EXIT_USAGE,
     UsageError,
     build_optimizer,
     resolve_device,
@@ -625,7 +624,7 @@ def run_bench(
     json_path: Path | None = None,
     variants: Sequence[str] = (),
 ) -> int:
-    """``gcond bench``: returns the exit code (0 done, 2 bad request)."""
+    """``gcond bench``: returns the exit code (0 done); a bad request raises a `GcondError`."""
     isatty = getattr(sys.stdout, "isatty", None)
     out = Console(highlight=False, width=None if isatty and isatty() else 200)
     if recipe is not None and "=" in recipe:  # no RECIPE, only overrides
@@ -655,12 +654,8 @@ def run_bench(
         names = list(entries)
         device = resolve_device(resolved.device)
         pool = _data_pool(resolved, device)
-    except RecipeError as exc:
-        _error(out, "\n".join(["the recipe is invalid:", *exc.errors]))
-        return EXIT_USAGE
-    except (UsageError, DatasetError, ValueError) as exc:
-        _error(out, str(exc))
-        return EXIT_USAGE
+    except ValueError as exc:  # settings the builders refuse; other harness errors: app.py
+        raise UsageError(str(exc)) from None
 
     autocast_dtype, _ = resolve_precision(resolved.precision, device)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]

@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .errors import GcondError
+
 __all__ = [
     "CheckpointError",
     "CheckpointPaths",
@@ -27,7 +29,7 @@ __all__ = [
 CHECKPOINT_DIR = "checkpoints"
 
 
-class CheckpointError(Exception):
+class CheckpointError(GcondError):
     """A checkpoint could not be written or read; the message names the file and the cause."""
 
 

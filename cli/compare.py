@@ -28,7 +28,7 @@ import shutil
 import statistics
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gcond_cli.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from gcond_cli.data import DatasetError
+from gcond_cli.checkpoint import latest_checkpoint, load_checkpoint
+from gcond_cli.data import ImageSet, build_datasets
 from gcond_cli.logger import METRICS_FILE, SUMMARY_FILE
 from gcond_cli.methods import METHODS, method_unavailable
 from gcond_cli.recipe import (
@@ -61,6 +61,8 @@ from gcond_cli.train import (
     TrainingStopped,
     UsageError,
 )
+
+from .errors import GcondError
 
 PLAN_FILE = "compare.json"
 REPORT_FILE = "report.md"
@@ -288,7 +290,30 @@ class _FirstBatchRecorder:
         return getattr(self._provider, name)
 
 
-def _train_run(recipe: Recipe, run_dir: Path, *, console: bool, out: Console) -> int:
+def _data_key(recipe: Recipe) -> str:
+    return recipe.data.model_dump_json()
+
+
+def _user_datasets(recipes: Iterable[Recipe], out: Console) -> dict[str, tuple[ImageSet, ImageSet]]:
+    """The data sets read from the user's files (image folder, CIFAR-10, STL-10), loaded once
+    for every run that uses them: they do not depend on the seed. Loading them before the
+    comparison's directory is made means bad data is refused with nothing created."""
+    loaded = {}
+    for recipe in recipes:
+        key = _data_key(recipe)
+        if recipe.data.dataset in ("imagefolder", "cifar10", "stl10") and key not in loaded:
+            loaded[key] = build_datasets(recipe.data, recipe.seed, console=out)
+    return loaded
+
+
+def _train_run(
+    recipe: Recipe,
+    run_dir: Path,
+    *,
+    console: bool,
+    out: Console,
+    datasets: tuple[ImageSet, ImageSet] | None = None,
+) -> int:
     """Train (or continue) one run of the comparison; returns its exit code."""
     payload = None
     try:
@@ -298,8 +323,8 @@ def _train_run(recipe: Recipe, run_dir: Path, *, console: bool, out: Console) ->
             payload = load_checkpoint(checkpoint)
         elif run_dir.exists():
             shutil.rmtree(run_dir)  # it stopped before its first checkpoint: start it over
-        trainer = Trainer(recipe, run_dir, console=console)
-    except (UsageError, RecipeError, CheckpointError, DatasetError, ValueError) as exc:
+        trainer = Trainer(recipe, run_dir, console=console, datasets=datasets)
+    except (GcondError, ValueError) as exc:
         _error(out, f"{run_dir}: {exc}")
         return EXIT_USAGE
     if payload is not None:
@@ -424,30 +449,24 @@ def run_compare(
     isatty = getattr(sys.stdout, "isatty", None)
     # Not a terminal: wide enough that the table's rows are not wrapped in a log file.
     out = Console(highlight=False, width=None if isatty and isatty() else 200)
-    try:
-        if resume is not None:
-            compare_dir = Path(resume)
-            plan, base = _load_plan(compare_dir, recipe)
-            _check_resume_request(plan, methods, seeds, variants)
-        else:
-            if recipe is None or source is None:
-                raise UsageError("give a RECIPE to compare, or --resume COMPARE_DIR")
-            plan = _make_plan(recipe, str(source), overrides, methods, seeds, variants)
-            base = recipe
-            stamp = name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            compare_dir = Path(base.log.runs_dir) / str(base.name) / f"compare-{stamp}"
-            if compare_dir.exists():
-                raise UsageError(
-                    f"{compare_dir} already exists: choose another --name, or continue it with "
-                    f"--resume {compare_dir}"
-                )
-        recipes = _run_recipes(base, plan)
-    except RecipeError as exc:
-        _error(out, "\n".join(["the comparison's recipes are invalid:", *exc.errors]))
-        return EXIT_USAGE
-    except UsageError as exc:
-        _error(out, str(exc))
-        return EXIT_USAGE
+    if resume is not None:
+        compare_dir = Path(resume)
+        plan, base = _load_plan(compare_dir, recipe)
+        _check_resume_request(plan, methods, seeds, variants)
+    else:
+        if recipe is None or source is None:
+            raise UsageError("give a RECIPE to compare, or --resume COMPARE_DIR")
+        plan = _make_plan(recipe, str(source), overrides, methods, seeds, variants)
+        base = recipe
+        stamp = name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        compare_dir = Path(base.log.runs_dir) / str(base.name) / f"compare-{stamp}"
+        if compare_dir.exists():
+            raise UsageError(
+                f"{compare_dir} already exists: choose another --name, or continue it with "
+                f"--resume {compare_dir}"
+            )
+    recipes = _run_recipes(base, plan)
+    datasets = _user_datasets(recipes.values(), out)  # bad data is refused before anything is made
     if resume is None:
         compare_dir.mkdir(parents=True)
         (compare_dir / RECIPE_FILE).write_text(dump_recipe_yaml(base))
@@ -464,7 +483,10 @@ def run_compare(
                 out.print(f"{head}: finished earlier, skipped")
                 continue
             out.print(f"{head} -> {run_dir}", style="bold")
-            code = _train_run(recipes[entry.name, seed], run_dir, console=not quiet, out=out)
+            run = recipes[entry.name, seed]
+            code = _train_run(
+                run, run_dir, console=not quiet, out=out, datasets=datasets.get(_data_key(run))
+            )
             if code != EXIT_OK:
                 _error(out, f"{head} did not finish (exit code {code}); {hint}")
                 return code

@@ -20,13 +20,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
+import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import GcondError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # Photographs bundled inside scikit-image's wheel (no download). Train and validation come from
 # disjoint source images; "cat" is left out because it is the same photograph as "chelsea", and
@@ -57,7 +66,11 @@ SYNTHETIC_CLASSES = ("disk", "square", "diamond", "ring")
 _VAL_KEY = "validation-images"
 
 
-class DatasetError(Exception):
+# Image files an image folder is read from (torchvision ImageFolder's list).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DatasetError(GcondError):
     """A dataset cannot be loaded; the message names the recipe key to change."""
 
 
@@ -66,11 +79,13 @@ class ImageSet:
     """A dataset split held in memory.
 
     images: uint8 N×3×H0×W0 (CPU). labels: int64 N, or None when the dataset has no classes.
+    skipped: the unreadable files left out (data.skip_bad_images), as "path: reason".
     """
 
     images: Tensor
     labels: Tensor | None
     num_classes: int = 0
+    skipped: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -97,14 +112,21 @@ def _pool_side(cfg: Any) -> int:
 # Datasets
 
 
-def build_datasets(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Train and validation `ImageSet`s for `cfg.dataset` (a DataConfig)."""
+def build_datasets(
+    cfg: Any, seed: int, *, console: Console | None = None
+) -> tuple[ImageSet, ImageSet]:
+    """Train and validation `ImageSet`s for `cfg.dataset` (a DataConfig).
+
+    Problems with the data the user pointed at raise `DatasetError`. `console`, if given, is
+    told what an image folder will take in memory, and shows a progress bar while it is read
+    (on a terminal only).
+    """
     builders = {
         "embedded": _embedded,
         "synthetic": _synthetic_sets,
         "cifar10": _cifar10,
         "stl10": _stl10,
-        "imagefolder": _imagefolder,
+        "imagefolder": functools.partial(_imagefolder, console=console),
     }
     if cfg.dataset not in builders:
         raise DatasetError(
@@ -222,24 +244,84 @@ def _synthetic_sets(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
     return ImageSet(*train, num_classes=classes), ImageSet(*val, num_classes=classes)
 
 
-def _val_subset(images: Tensor, labels: Tensor, count: int) -> ImageSet:
+def _val_subset(images: Tensor, labels: Tensor, count: int, where: str) -> ImageSet:
+    """`count` images of a validation split (a fixed choice, the same for every seed)."""
+    if images.shape[0] < count:
+        raise DatasetError(
+            f"data.val_samples: {count} validation images asked for, {where} holds "
+            f"{images.shape[0]}; lower data.val_samples to {images.shape[0]} or less"
+        )
     keep = torch.randperm(images.shape[0], generator=_generator(_VAL_KEY))[:count]
     return ImageSet(images[keep].contiguous(), labels[keep].contiguous(), int(labels.max()) + 1)
 
 
+_SHOWN = 10  # damaged files or empty folders named in one message
+
+
+def _listed(lines: list[str]) -> str:
+    """Up to _SHOWN lines, indented one per line, and how many more there are."""
+    more = [f"... and {len(lines) - _SHOWN} more"] if len(lines) > _SHOWN else []
+    return "".join(f"\n  {line}" for line in [*lines[:_SHOWN], *more])
+
+
+# The torchvision datasets' own integrity check (MD5 of every file) fails with a RuntimeError;
+# a file that passes it but cannot be parsed fails with whatever its parser raises.
+_READ_ERRORS = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    pickle.UnpicklingError,
+)
+
+
 def _torchvision_split(cls: Any, cfg: Any, pretty: str, **kwargs: Any) -> Any:
     root = Path(cfg.root).expanduser() if cfg.root else DEFAULT_ROOT
+    folder = root / cls.base_folder
+    fix = f"point data.root at the folder that holds {cls.base_folder}/"
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"data.root: {root} is a file, not a folder; {fix}")
     try:
         return cls(str(root), download=cfg.download, **kwargs)
-    except (RuntimeError, OSError) as error:
-        hint = (
-            "set data.download: true to fetch it there, or data.root to where it already is"
-            if not cfg.download
-            else f"the download failed: {error}"
-        )
+    except _READ_ERRORS as error:
+        if cfg.download:
+            problem = f"the download to {root} failed: {type(error).__name__}: {error}"
+            raise DatasetError(f"data.dataset {cfg.dataset!r}: {problem}") from None
+        if not folder.is_dir():
+            raise DatasetError(
+                f"data.dataset {cfg.dataset!r}: {pretty} not found under {root} (no folder "
+                f"{folder}); set data.download: true to fetch it there, or {fix}"
+            ) from None
+        damaged = _damaged_files(cls, folder) or [f"{type(error).__name__}: {error}"]
         raise DatasetError(
-            f"data.dataset {cfg.dataset!r}: {pretty} not found under {root}; {hint}"
-        ) from error
+            f"data.dataset {cfg.dataset!r}: {pretty} in {folder} is incomplete or damaged:"
+            f"{_listed(damaged)}\nDelete {folder} and set data.download: true to fetch it "
+            f"again, or {fix}"
+        ) from None
+
+
+def _damaged_files(cls: Any, folder: Path) -> list[str]:
+    """The files of a torchvision dataset's folder that are missing or fail their checksum."""
+    from torchvision.datasets.utils import check_integrity
+
+    expected = [*cls.train_list, *cls.test_list]
+    meta = getattr(cls, "meta", None)
+    if meta:
+        expected.append((meta["filename"], meta["md5"]))
+    damaged = []
+    for name, md5 in expected:
+        path = folder / name
+        try:
+            if not path.is_file():
+                damaged.append(f"{path} is missing")
+            elif not check_integrity(str(path), md5):
+                damaged.append(f"{path} is damaged (its MD5 checksum differs)")
+        except OSError as error:
+            damaged.append(f"{path} cannot be read: {error.strerror or error}")
+    return damaged
 
 
 def _cifar10(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -253,7 +335,7 @@ def _cifar10(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
         )
 
     train = ImageSet(*load(True), num_classes=10)
-    return train, _val_subset(*load(False), cfg.val_samples)
+    return train, _val_subset(*load(False), cfg.val_samples, "the CIFAR-10 test split")
 
 
 def _stl10(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
@@ -265,13 +347,157 @@ def _stl10(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
         return torch.from_numpy(data.data).contiguous(), torch.from_numpy(data.labels).long()
 
     train = ImageSet(*load("train"), num_classes=10)
-    return train, _val_subset(*load("test"), cfg.val_samples)
+    return train, _val_subset(*load("test"), cfg.val_samples, "the STL-10 test split")
 
 
-def _load_folder(root: Path, side: int) -> tuple[Tensor, Tensor, list[str]]:
-    """Every image under root/<class>/ resized (short side) and centre-cropped to side×side."""
+# ----------------------------------------------------------------------------------------------
+# Image folders
+
+_LAYOUT = "expected one sub-folder per class, e.g. {root}/cat/001.jpg, {root}/dog/002.png"
+
+
+@dataclass
+class _Folder:
+    """The image files of one class-per-sub-folder tree, in torchvision ImageFolder's order."""
+
+    root: Path
+    classes: list[str]
+    files: list[tuple[Path, int]]  # (path, class index)
+
+
+def _unlistable(folder: Path | str, error: OSError) -> DatasetError:
+    return DatasetError(
+        f"data.root: cannot list {folder}: {error.strerror or error}; give the user running "
+        "gcond read access to it (chmod -R u+rX), or point data.root elsewhere"
+    )
+
+
+def _listing(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as error:
+        raise _unlistable(folder, error) from None
+
+
+def _scan_folder(root: Path) -> _Folder:
+    """Find the class folders of `root` and their image files (nothing is decoded yet)."""
+    entries = _listing(root)
+    layout = _LAYOUT.format(root=root)
+    if not entries:
+        raise DatasetError(f"data.root: {root} is empty; {layout}")
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    if not classes:
+        raise DatasetError(f"data.root: {root} has no class sub-folders, only files; {layout}")
+    files, empty = [], []
+    for label, name in enumerate(classes):
+        found = []
+        # torchvision ImageFolder's order: walk entries sorted by folder path, names sorted
+        for top, _, names in sorted(os.walk(root / name, followlinks=True, onerror=_walk_error)):
+            found += [
+                (Path(top) / n, label) for n in sorted(names) if n.lower().endswith(IMAGE_SUFFIXES)
+            ]
+        if not found:
+            empty.append(str(root / name))
+        files += found
+    if empty:
+        raise DatasetError(
+            f"data.root: {len(empty)} class folder(s) of {root} hold no image files (files "
+            f"ending in {', '.join(IMAGE_SUFFIXES)}):{_listed(empty)}\n"
+            "Put the class's images there, or remove the folder."
+        )
+    return _Folder(root, classes, files)
+
+
+def _walk_error(error: OSError) -> None:
+    raise _unlistable(error.filename, error)
+
+
+class _BadImage(Exception):
+    """An image file that cannot be decoded; the message says why."""
+
+
+def _open_rgb(path: Path) -> Any:
+    """The image at `path` decoded to an RGB PIL image, or `_BadImage` saying why not.
+
+    Pillow refuses an image of more than 2 × Image.MAX_IMAGE_PIXELS pixels (a decompression
+    bomb) and only warns above 1 ×; here both are refused alike: whatever Pillow's limit is,
+    an image over it is not loaded.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")  # decodes every pixel: a truncated file fails here
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+            raise _BadImage(
+                f"{size}, over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+                "(PIL.Image.MAX_IMAGE_PIXELS, a guard against decompression bombs)"
+            ) from None
+        except PermissionError:
+            raise _BadImage("no read permission") from None
+        except Image.UnidentifiedImageError:
+            raise _BadImage("not an image Pillow can read (wrong extension?)") from None
+        # Decoders of damaged files raise many types (OSError for truncated data, SyntaxError,
+        # ValueError, zlib and struct errors, ...): any of them means this file is unreadable.
+        except Exception as exc:
+            raise _BadImage(f"{type(exc).__name__}: {exc}") from None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
+
+
+def _check_memory(root: Path, count: int, side: int, console: Console | None) -> None:
+    """Refuse before reading if `count` images of side×side RGB do not fit in memory."""
+    need = count * 3 * side * side
+    sizes = f"{count:,} × 3 × {side} × {side} bytes; {side} = 2 × data.image_size"
+    available = _available_memory()
+    if available is not None and need > available:
+        raise DatasetError(
+            f"data.root: the {count:,} images of {root} need {_bytes(need)} in memory ({sizes}), "
+            f"more than the {_bytes(available)} available; lower data.image_size, or point "
+            "data.root at a subset of the images"
+        )
+    if console is not None:
+        console.print(
+            f"data: reading {count:,} images of {root} into memory: {_bytes(need)} ({sizes})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _decode_folders(
+    folders: list[_Folder], side: int, console: Console | None
+) -> tuple[list[tuple[Tensor, Tensor]], list[str]]:
+    """Every folder's images resized (short side) and centre-cropped to side×side, with labels;
+    and the unreadable files as "path: reason" (left out of the images)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
 
     transform = transforms.Compose(
         [
@@ -280,24 +506,99 @@ def _load_folder(root: Path, side: int) -> tuple[Tensor, Tensor, list[str]]:
             transforms.PILToTensor(),
         ]
     )
-    try:
-        folder = ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, NotADirectoryError) as error:
+    total = sum(len(f.files) for f in folders)
+    progress = Progress(
+        "reading images",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=console is None or not console.is_terminal,  # no bar in a log file
+    )
+    loaded, bad = [], []
+    with progress:
+        task = progress.add_task("read", total=total)
+        for folder in folders:
+            images = torch.empty(len(folder.files), 3, side, side, dtype=torch.uint8)
+            labels = []
+            for path, label in folder.files:
+                try:
+                    images[len(labels)] = transform(_open_rgb(path))
+                    labels.append(label)
+                except _BadImage as exc:
+                    bad.append(f"{path}: {exc}")
+                progress.advance(task)
+            loaded.append((images[: len(labels)], torch.tensor(labels, dtype=torch.int64)))
+    return loaded, bad
+
+
+def _refuse_bad_images(root: Path, bad: list[str], total: int) -> None:
+    raise DatasetError(
+        f"data.root: {len(bad)} of the {total} images in {root} cannot be read:{_listed(bad)}\n"
+        "Replace or delete them, or set data.skip_bad_images: true to train without them "
+        "(their list is then written to bad_images.txt in the run directory)."
+    )
+
+
+def _check_sizes(cfg: Any, folders: list[_Folder], counts: list[int], kind: str) -> None:
+    """Refuse a training split smaller than one micro-batch, or a validation split smaller than
+    data.val_samples. counts: images per folder, `kind` of images (e.g. "readable images")."""
+    if len(folders) == 2:
+        train, val = counts
+        if val < cfg.val_samples:
+            raise DatasetError(
+                f"data.val_samples: {cfg.val_samples} validation images asked for, but "
+                f"{folders[1].root} holds {val} {kind}; lower data.val_samples to {val} or "
+                "less, or add images"
+            )
+        where = f"{folders[0].root} holds {train} {kind}"
+    else:
+        (total,) = counts
+        train = total - cfg.val_samples
+        if train < 1:
+            raise DatasetError(
+                f"data.val_samples: {cfg.val_samples} held-out images leave none to train on "
+                f"({folders[0].root} holds {total} {kind}); lower data.val_samples, or add images"
+            )
+        where = (
+            f"{folders[0].root} holds {total} {kind} and data.val_samples holds {cfg.val_samples}"
+            f" out for validation, leaving {train}"
+        )
+    if train < cfg.micro_batch_size:
         raise DatasetError(
-            f"data.root: no images found in {root} ({error}); expected one sub-folder per class, "
-            "e.g. root/cat/001.jpg, root/dog/002.png"
-        ) from error
-    images = torch.stack([folder[i][0] for i in range(len(folder))])
-    labels = torch.tensor(folder.targets, dtype=torch.int64)
-    return images, labels, folder.classes
+            f"data.micro_batch_size: {cfg.micro_batch_size} training images per micro-batch, "
+            f"but {where}; lower data.micro_batch_size to {train} or less, or add images"
+        )
 
 
-def _imagefolder(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
-    """An ImageFolder directory, images resized and centre-cropped to 2·image_size.
+def _take_rows_(rows: Tensor, order: Tensor) -> None:
+    """rows[:] = rows[order], in place: one spare row instead of a second copy of the set."""
+    order_list, done = order.tolist(), [False] * len(order)
+    spare = torch.empty_like(rows[0])
+    for start in range(len(order_list)):
+        if done[start]:
+            continue
+        spare.copy_(rows[start])
+        j = start
+        while True:  # follow the cycle through `start`
+            done[j] = True
+            source = order_list[j]
+            if source == start:
+                rows[j].copy_(spare)
+                break
+            rows[j].copy_(rows[source])
+            j = source
+
+
+def _imagefolder(cfg: Any, seed: int, console: Console | None = None) -> tuple[ImageSet, ImageSet]:
+    """An image folder (one sub-folder per class), images resized and centre-cropped to
+    2·image_size, read once into memory.
 
     With root/train and root/val (or validation, test) sub-folders, those are the splits;
     otherwise `val_samples` images of root are held out (a fixed choice, the same for every
-    seed) and the rest is the training set.
+    seed) and the rest is the training set. Unreadable images are refused, all of them named,
+    or with `skip_bad_images` left out and listed in `ImageSet.skipped`.
     """
     if not cfg.root:
         raise DatasetError(
@@ -305,30 +606,57 @@ def _imagefolder(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
             "(a directory with one sub-folder per class)"
         )
     root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DatasetError(
+            f"data.root: {root} does not exist; point it at a folder of images, "
+            + _LAYOUT.format(root=root)
+        )
     if not root.is_dir():
-        raise DatasetError(f"data.root: {root} is not a directory")
+        raise DatasetError(
+            f"data.root: {root} is a file, not a folder; " + _LAYOUT.format(root=root)
+        )
     side = _pool_side(cfg)
     val_dirs = [root / name for name in ("val", "validation", "test") if (root / name).is_dir()]
-    if (root / "train").is_dir() and val_dirs:
-        train_images, train_labels, classes = _load_folder(root / "train", side)
-        val_images, val_labels, val_classes = _load_folder(val_dirs[0], side)
-        if val_classes != classes:
+    split = (root / "train").is_dir() and bool(val_dirs)
+    if split:
+        folders = [_scan_folder(root / "train"), _scan_folder(val_dirs[0])]
+        train_only = sorted(set(folders[0].classes) - set(folders[1].classes))
+        val_only = sorted(set(folders[1].classes) - set(folders[0].classes))
+        if train_only or val_only:
+            sides = [
+                f"only in {folder.root}: {', '.join(names)}"
+                for folder, names in zip(folders, (train_only, val_only), strict=True)
+                if names
+            ]
             raise DatasetError(
-                f"data.root: class folders differ between {root / 'train'} and {val_dirs[0]}"
+                f"data.root: the class folders of {folders[0].root} and {folders[1].root} "
+                f"differ ({'; '.join(sides)}); both splits need the same class folders"
             )
-        val = _val_subset(val_images, val_labels, cfg.val_samples)
-        return ImageSet(train_images, train_labels, len(classes)), val
-    images, labels, classes = _load_folder(root, side)
-    if images.shape[0] <= cfg.val_samples:
-        raise DatasetError(
-            f"data.val_samples: {cfg.val_samples} held-out images leave none to "
-            f"train on ({images.shape[0]} images in {root}); lower it"
-        )
-    order = torch.randperm(images.shape[0], generator=_generator(_VAL_KEY))
-    val_idx, train_idx = order[: cfg.val_samples], order[cfg.val_samples :]
+    else:
+        folders = [_scan_folder(root)]
+    _check_sizes(cfg, folders, [len(folder.files) for folder in folders], "images")
+    total = sum(len(folder.files) for folder in folders)
+    _check_memory(root, total, side, console)
+    loaded, bad = _decode_folders(folders, side, console)
+    if bad and not cfg.skip_bad_images:
+        _refuse_bad_images(root, bad, total)
+    if bad:
+        _check_sizes(cfg, folders, [len(labels) for _, labels in loaded], "readable images")
+    classes = len(folders[0].classes)
+    if split:
+        (train_images, train_labels), (val_images, val_labels) = loaded
+        train = ImageSet(train_images, train_labels, classes, skipped=tuple(bad))
+        return train, _val_subset(val_images, val_labels, cfg.val_samples, str(val_dirs[0]))
+    ((images, labels),) = loaded
+    # The held-out choice is a fixed permutation; applied in place, so that the split costs no
+    # second copy of the images (the memory check above counted one).
+    order = torch.randperm(len(labels), generator=_generator(_VAL_KEY))
+    _take_rows_(images, order)
+    labels = labels[order]
+    held = cfg.val_samples
     return (
-        ImageSet(images[train_idx], labels[train_idx], len(classes)),
-        ImageSet(images[val_idx], labels[val_idx], len(classes)),
+        ImageSet(images[held:], labels[held:], classes, skipped=tuple(bad)),
+        ImageSet(images[:held], labels[:held], classes),
     )
 
 

@@ -36,6 +36,8 @@ from typing_extensions import Self
 
 from gcond._config import ConductorConfig as LibraryConductorConfig
 
+from .errors import GcondError
+
 MAX_SIZE = 1_000_000  # sizes, widths, depths, batch sizes: anything larger is a typo
 MAX_COUNT = 1_000_000_000  # steps, sample counts, intervals
 RESERVED_LOSS_NAMES = ("total",)  # `loss/total` is the weighted sum in the conductor's stats
@@ -51,13 +53,18 @@ NonNegative = Annotated[float, Field(ge=0.0)]
 Cosine = Annotated[float, Field(ge=-1.0, le=1.0)]
 
 
-class RecipeError(Exception):
+class RecipeError(GcondError):
     """A recipe that cannot be used; `errors` holds one human-readable line per problem."""
 
     def __init__(self, errors: list[str], source: Path | None = None) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
         self.source = source
+
+    def report_lines(self) -> list[str]:
+        count = f"{len(self.errors)} problem" + ("s" if len(self.errors) > 1 else "")
+        where = f" in {self.source}" if self.source else ""
+        return [f"Recipe error{where} ({count}):", *(f"  - {line}" for line in self.errors)]
 
 
 class _Issue(NamedTuple):
@@ -141,6 +148,7 @@ class DataConfig(_Section):
     dataset: Literal["embedded", "cifar10", "stl10", "imagefolder", "synthetic"] = "embedded"
     root: str | None = None  # cifar10 / stl10 / imagefolder directory
     download: bool = False
+    skip_bad_images: bool = False  # imagefolder: train without unreadable images (listed)
     image_size: int = Field(32, ge=8, le=MAX_SIZE)  # side of the square crops fed to the model
     micro_batch_size: Size = 16
     train_samples: Count = 4096  # embedded / synthetic: number of source crops

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from gcond import autocast, call_model
@@ -33,18 +34,21 @@ from gcond_cli.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from gcond_cli.data import DeviceDataProvider, build_datasets, build_val_batches
+from gcond_cli.data import DeviceDataProvider, ImageSet, build_datasets, build_val_batches
 from gcond_cli.logger import RunLogger
 from gcond_cli.losses import build_loss, eval_metrics
 from gcond_cli.methods import build_method, per_loss_backward_mode
 from gcond_cli.models import build_model
 from gcond_cli.recipe import Recipe, RecipeError, dump_recipe_yaml, load_recipe, recipe_to_dict
 
+from .errors import GcondError
+
 RECIPE_FILE = "recipe.yaml"
+BAD_IMAGES_FILE = "bad_images.txt"  # the images data.skip_bad_images left out
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class UsageError(Exception):
+class UsageError(GcondError):
     """A problem with the user's request (exit code 2), not with training."""
 
 
@@ -116,7 +120,15 @@ def new_run_dir(recipe: Recipe, run_name: str | None) -> Path:
 class Trainer:
     """Everything one run needs, built from a recipe; ``run()`` trains to ``max_steps``."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, *, console: bool = True) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        *,
+        console: bool = True,
+        datasets: tuple[ImageSet, ImageSet] | None = None,
+    ) -> None:
+        """``datasets``: the train and validation sets, when the caller has loaded them."""
         self.recipe = recipe
         self.run_dir = run_dir
         self.dist = distributed.context()
@@ -135,7 +147,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_scaler)
         torch.manual_seed(recipe.seed)
 
-        train_set, val_set = build_datasets(recipe.data, recipe.seed)
+        is_main = self.dist.rank == 0
+        train_set, val_set = datasets or build_datasets(
+            recipe.data, recipe.seed, console=Console(stderr=True) if console and is_main else None
+        )
+        self.skipped_images = train_set.skipped
         self.provider = DeviceDataProvider(
             train_set,
             recipe.data,
@@ -173,7 +189,6 @@ class Trainer:
             recipe.data.micro_batch_size * recipe.conductor.accumulation_steps
             * self.dist.world_size
         )  # fmt: skip
-        is_main = self.dist.rank == 0
         self.logger = RunLogger(
             run_dir if is_main else None,
             recipe_to_dict(recipe),
@@ -293,6 +308,8 @@ class Trainer:
     def run(self) -> int:
         r = self.recipe
         self.logger.start(self.step)
+        if self.skipped_images:
+            self._report_skipped_images()
         first_step = self.step + 1  # of this process (after a resume too)
         with _stop_on_signals(self):
             while self.step < r.schedule.max_steps:
@@ -331,6 +348,16 @@ class Trainer:
                     )
                     return EXIT_INTERRUPTED
         return EXIT_OK
+
+    def _report_skipped_images(self) -> None:
+        """data.skip_bad_images left images out: say how many, list them in the run directory."""
+        path = self.run_dir / BAD_IMAGES_FILE
+        if self.dist.rank == 0:
+            path.write_text("".join(f"{line}\n" for line in self.skipped_images))
+        self.logger.warn(
+            f"data.skip_bad_images: {len(self.skipped_images)} unreadable images of "
+            f"{self.recipe.data.root} left out; the list is in {path}"
+        )
 
     def _log_backward_mode(self) -> None:
         """Once, after the first step: how full mode gets its per-loss gradients."""
@@ -460,9 +487,9 @@ def _restore(trainer: Trainer, payload: dict[str, Any], path: Path) -> None:
 def run_train(
     recipe: Recipe, *, recipe_path: Path, run_name: str | None, resume: Path | None
 ) -> int:
-    """``gcond train``: returns the exit code (0 done, 1 failed, 2 bad request, 130 stopped)."""
+    """``gcond train``: returns the exit code (0 done, 1 failed, 130 stopped); a bad recipe, data
+    set, checkpoint or request raises a `GcondError` (exit code 2) before anything is written."""
     ctx = distributed.context()
-    console = RunLogger(None, {}, 0, console=ctx.rank == 0, tensorboard=False)
     try:
         payload = None
         ignored: list[str] = []
@@ -482,11 +509,12 @@ def run_train(
         trainer = Trainer(recipe, run_dir)
         if payload is not None:
             _restore(trainer, payload, checkpoint_paths(run_dir).latest)
-    except (UsageError, CheckpointError, RecipeError, ValueError) as exc:
-        console.start()
-        console.error(str(exc))
+    except GcondError:  # bad recipe, data, checkpoint or request: the command line reports it
         distributed.shutdown(ctx)
-        return EXIT_USAGE
+        raise
+    except ValueError as exc:  # settings the builders refuse (e.g. a method that cannot run)
+        distributed.shutdown(ctx)
+        raise UsageError(str(exc)) from None
     logger = trainer.logger
     if payload is not None:
         logger_msg = f"resuming {run_dir} at step {trainer.step}"

@@ -96,7 +96,7 @@ def test_synthetic_sets(synthetic: tuple[ImageSet, ImageSet]):
 def test_imagefolder_errors_are_clear(tmp_path):
     with pytest.raises(DatasetError, match=r"data\.root"):
         build_datasets(data_cfg(dataset="imagefolder", root=str(tmp_path)), seed=0)
-    with pytest.raises(DatasetError, match="not a directory"):
+    with pytest.raises(DatasetError, match="does not exist"):
         build_datasets(data_cfg(dataset="imagefolder", root=str(tmp_path / "missing")), seed=0)
 
 
@@ -109,7 +109,8 @@ def test_imagefolder_loads_classes_and_holds_out_validation(tmp_path):
             colour = (40 * i, 200 * label, 90)
             Image.new("RGB", (40 + 7 * i, 30), colour).save(tmp_path / name / f"{i}.png")
     train, val = build_datasets(
-        data_cfg(dataset="imagefolder", root=str(tmp_path), val_samples=3), seed=0
+        data_cfg(dataset="imagefolder", root=str(tmp_path), val_samples=3, micro_batch_size=4),
+        seed=0,
     )
     assert train.images.shape == (7, 3, 32, 32) and val.images.shape == (3, 3, 32, 32)
     assert train.num_classes == 2
