@@ -199,12 +199,35 @@ def compare(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No per-step lines, only the results.")
     ] = False,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            metavar="KEY=V1,V2,...",
+            help="Run the comparison in every cell of a grid of recipe values (repeatable: the "
+            "keys are crossed), e.g. --grid data.lab.direction=0.5,0,-0.5 --grid "
+            "data.lab.scale=1,100; one report with a row per cell.",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            metavar="METHOD",
+            help="The method or variant every other is judged against, seed by seed "
+            "(default: sum when compared, else the first).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train the same recipe with several methods (same seeds, data and steps) and compare them.
 
-    Prints eval L1 / SSIM / PSNR (mean ± std over seeds), time per step against `sum` and how
-    often the losses conflicted; writes summary.json and report.md to the comparison's
-    directory, where `tensorboard --logdir DIR` overlays every run.
+    Prints the eval metrics (mean ± std over seeds), time per step against `sum`, how often
+    the losses conflicted and how far their gradient norms differ; then, for every method
+    against the baseline, the difference paired by seed with a 95 % interval and a verdict
+    (better, worse, within noise). Writes summary.json, report.md and PNG plots to the
+    comparison's directory, where `tensorboard --logdir DIR` overlays every run.
     """
     loaded, path = _load(recipe, overrides) if recipe is not None else (None, None)
     from .compare import run_compare  # imports torch: only once the recipe is known good
@@ -219,6 +242,8 @@ def compare(
         name=name,
         resume=resume,
         quiet=quiet,
+        baseline=baseline,
+        grid=grid or (),
     )
     raise typer.Exit(code)
 

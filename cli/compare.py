@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -29,7 +30,7 @@ import statistics
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from gcond_cli.checkpoint import latest_checkpoint, load_checkpoint
 from gcond_cli.data import ImageSet, build_datasets
 from gcond_cli.logger import METRICS_FILE, SUMMARY_FILE
 from gcond_cli.methods import METHODS, method_unavailable
+from gcond_cli.plots import norm_ratio, write_plots
 from gcond_cli.recipe import (
     Recipe,
     RecipeError,
@@ -50,6 +52,7 @@ from gcond_cli.recipe import (
     name_problem,
     recipe_from_dict,
     recipe_to_dict,
+    recipes_dir,
 )
 from gcond_cli.train import (
     EXIT_FAILED,
@@ -61,6 +64,7 @@ from gcond_cli.train import (
     TrainingStopped,
     UsageError,
 )
+from gcond_cli.verdict import Verdict, format_difference, paired_verdict, sentence
 
 from .errors import GcondError
 
@@ -69,7 +73,9 @@ REPORT_FILE = "report.md"
 FIRST_BATCH_FILE = "first_batch.json"
 DEFAULT_METHODS = ("conductor", "sum")
 # Eval metrics of the table, and which way is better.
-EVAL_METRICS = {"l1": "min", "ssim": "max", "psnr": "max", "accuracy": "max"}
+EVAL_METRICS = {"l1": "min", "ssim": "max", "psnr": "max", "accuracy": "max", "mean_err": "min"}
+TASK_ERROR = "err_"  # the conflict lab's per-task errors, eval/err_<task>: lower is better
+DEFAULT_BASELINE = "sum"
 _VARIANT_FORM = (
     "NAME:KEY=VALUE,KEY=VALUE, e.g. "
     "seed-momentum:conductor.momentum_beta=0.9,optimizer.betas=[0.0,0.95]"
@@ -96,6 +102,22 @@ class Plan:
     methods: list[str]
     variants: dict[str, list[str]]
     seeds: list[int]
+    baseline: str = DEFAULT_BASELINE  # the entry every other is judged against
+    grid: dict[str, list[str]] = field(default_factory=dict)  # recipe key -> values, crossed
+
+    @property
+    def cells(self) -> list[tuple[str | None, tuple[str, ...]]]:
+        """(directory name, overrides) of every cell of the grid; one unnamed cell without."""
+        if not self.grid:
+            return [(None, ())]
+        keys = list(self.grid)
+        cells = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            label = "_".join(
+                f"{k.rsplit('.', 1)[-1]}{v}" for k, v in zip(keys, values, strict=True)
+            )
+            cells.append((label, tuple(f"{k}={v}" for k, v in zip(keys, values, strict=True))))
+        return cells
 
     @property
     def entries(self) -> list[Entry]:
@@ -110,7 +132,14 @@ class Plan:
             "methods": self.methods,
             "variants": self.variants,
             "seeds": self.seeds,
+            "baseline": self.baseline,
+            "grid": self.grid,
         }
+
+
+def metric_better(metric: str) -> str:
+    """Which way an eval metric (without ``eval/``) improves: "min" or "max"."""
+    return EVAL_METRICS.get(metric, "min")  # the lab's err_<task> and any error-like metric
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:
@@ -161,6 +190,29 @@ def parse_variants(variants: Sequence[str], methods: Sequence[str]) -> dict[str,
     return parsed
 
 
+def parse_grid(options: Sequence[str]) -> dict[str, list[str]]:
+    """Every ``--grid KEY=V1,V2,...`` as key -> values (commas inside brackets kept)."""
+    grid: dict[str, list[str]] = {}
+    for text in options:
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        parts = [v for v in split_top_level(values) if v]
+        if not sep or not key or not parts:
+            raise UsageError(
+                f"--grid {text!r}: expected KEY=V1,V2,..., e.g. data.lab.direction=0.5,0,-0.5"
+            )
+        if key in grid:
+            raise UsageError(f"--grid: {key} is given twice; list all its values in one --grid")
+        bad = [v for v in parts if name_problem(f"x{v}")]
+        if bad:
+            raise UsageError(
+                f"--grid {key}: the value {bad[0]!r} cannot name a directory; use numbers or "
+                "words of letters, digits, '.', '_' and '-'"
+            )
+        grid[key] = parts
+    return grid
+
+
 def parse_methods(text: str) -> list[str]:
     """``conductor,sum`` -> the method names, each checked."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -187,26 +239,49 @@ def _make_plan(
     methods: str | None,
     seeds: int | None,
     variants: Sequence[str],
+    baseline: str | None = None,
+    grid: Sequence[str] = (),
 ) -> Plan:
     method_names = parse_methods(methods) if methods is not None else list(DEFAULT_METHODS)
     parsed = parse_variants(variants, method_names)
     count = 1 if seeds is None else seeds
     if count < 1:
         raise UsageError(f"--seeds: got {count}, expected at least 1")
+    entries = [*method_names, *parsed]
+    if baseline is None:
+        baseline = DEFAULT_BASELINE if DEFAULT_BASELINE in entries else entries[0]
+    elif baseline not in entries:
+        close = difflib.get_close_matches(baseline, entries, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UsageError(
+            f"--baseline {baseline!r}: not among the compared methods and variants "
+            f"({', '.join(entries)}); add it to --methods{hint}"
+        )
     return Plan(
         source=source,
         overrides=list(overrides),
         methods=method_names,
         variants=parsed,
         seeds=[recipe.seed + i for i in range(count)],
+        baseline=baseline,
+        grid=parse_grid(grid),
     )
 
 
 def _check_resume_request(
-    plan: Plan, methods: str | None, seeds: int | None, variants: Sequence[str]
+    plan: Plan,
+    methods: str | None,
+    seeds: int | None,
+    variants: Sequence[str],
+    baseline: str | None = None,
+    grid: Sequence[str] = (),
 ) -> None:
     """On ``--resume`` the saved plan is used; options that would change it are refused."""
     differ = []
+    if grid and parse_grid(grid) != plan.grid:
+        differ.append("the same --grid options")
+    if baseline is not None and baseline != plan.baseline:
+        differ.append(f"--baseline {plan.baseline}")
     if methods is not None and parse_methods(methods) != plan.methods:
         differ.append(f"--methods {','.join(plan.methods)}")
     if seeds is not None and seeds != len(plan.seeds):
@@ -368,7 +443,7 @@ def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
     best = {}
     for key in keys:
         values = [r[key] for r in evals if isinstance(r.get(key), int | float)]
-        pick = min if EVAL_METRICS.get(key.removeprefix("eval/"), "min") == "min" else max
+        pick = min if metric_better(key.removeprefix("eval/")) == "min" else max
         best[key] = pick(values) if values else None
 
     # Seconds per step from the logged throughput; the first step pays one-time costs
@@ -397,6 +472,12 @@ def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
             "mean_cosine": sum(cosines) / len(cosines),
             "weak": weak,
         }
+    ratios = [
+        ratio for r in records if r.get("kind") == "train" and (ratio := norm_ratio(r)) is not None
+    ]
+    scales = None
+    if ratios:
+        scales = {"mean_ratio": statistics.fmean(ratios), "max_ratio": max(ratios)}
     first_batch = run_dir / FIRST_BATCH_FILE
     checksum = json.loads(first_batch.read_text())["sha256"] if first_batch.is_file() else None
     return {
@@ -405,6 +486,7 @@ def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
         "eval_final": final,
         "eval_best": best,
         "conflict": conflict,
+        "norm_ratio": scales,
         "first_batch_sha256": checksum,
     }
 
@@ -422,6 +504,8 @@ def _write_layout(compare_dir: Path, base: Recipe) -> None:
     evals = ["eval/l1", "eval/mse", "eval/ssim", "eval/psnr"]
     if base.data.labels != "none":
         evals.append("eval/accuracy")
+    if base.data.dataset == "conflict_lab":
+        evals = ["eval/mean_err", *(f"eval/{TASK_ERROR}{n}" for n in names)]
     layout = {
         "compare: eval": charts(evals),
         "compare: losses": charts(["loss/total", *[f"loss/{n}" for n in names]]),
@@ -443,6 +527,8 @@ def run_compare(
     name: str | None = None,
     resume: Path | None = None,
     quiet: bool = False,
+    baseline: str | None = None,
+    grid: Sequence[str] = (),
 ) -> int:
     """``gcond compare``: returns the exit code (0 done, 1 a run failed, 2 bad request,
     130 stopped; the last two can be continued with ``--resume``)."""
@@ -452,11 +538,13 @@ def run_compare(
     if resume is not None:
         compare_dir = Path(resume)
         plan, base = _load_plan(compare_dir, recipe)
-        _check_resume_request(plan, methods, seeds, variants)
+        _check_resume_request(plan, methods, seeds, variants, baseline, grid)
     else:
         if recipe is None or source is None:
             raise UsageError("give a RECIPE to compare, or --resume COMPARE_DIR")
-        plan = _make_plan(recipe, str(source), overrides, methods, seeds, variants)
+        plan = _make_plan(
+            recipe, display_path(source), overrides, methods, seeds, variants, baseline, grid
+        )
         base = recipe
         stamp = name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         compare_dir = Path(base.log.runs_dir) / str(base.name) / f"compare-{stamp}"
@@ -465,25 +553,33 @@ def run_compare(
                 f"{compare_dir} already exists: choose another --name, or continue it with "
                 f"--resume {compare_dir}"
             )
-    recipes = _run_recipes(base, plan)
-    datasets = _user_datasets(recipes.values(), out)  # bad data is refused before anything is made
+    cells = _cell_recipes(base, plan)
+    every_run = [r for recipes in cells.values() for r in recipes.values()]
+    datasets = _user_datasets(every_run, out)  # bad data is refused before anything is made
     if resume is None:
         compare_dir.mkdir(parents=True)
         (compare_dir / RECIPE_FILE).write_text(dump_recipe_yaml(base))
         (compare_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-        _write_layout(compare_dir, base)
+        for label in cells:
+            cell_dir = compare_dir if label is None else compare_dir / label
+            cell_dir.mkdir(exist_ok=True)
+            _write_layout(cell_dir, base)
 
-    runs = [(seed, entry) for seed in plan.seeds for entry in plan.entries]
+    runs = [
+        (label, seed, entry) for label in cells for seed in plan.seeds for entry in plan.entries
+    ]
     hint = f"continue with: gcond compare --resume {compare_dir}"
     try:
-        for index, (seed, entry) in enumerate(runs, 1):
-            run_dir = compare_dir / entry.name / f"seed{seed}"
-            head = f"[{index}/{len(runs)}] {entry.name}, seed {seed}"
+        for index, (label, seed, entry) in enumerate(runs, 1):
+            cell_dir = compare_dir if label is None else compare_dir / label
+            run_dir = cell_dir / entry.name / f"seed{seed}"
+            where = f"{label}: " if label is not None else ""
+            head = f"[{index}/{len(runs)}] {where}{entry.name}, seed {seed}"
             if (run_dir / SUMMARY_FILE).is_file():
                 out.print(f"{head}: finished earlier, skipped")
                 continue
             out.print(f"{head} -> {run_dir}", style="bold")
-            run = recipes[entry.name, seed]
+            run = cells[label][entry.name, seed]
             code = _train_run(
                 run, run_dir, console=not quiet, out=out, datasets=datasets.get(_data_key(run))
             )
@@ -494,18 +590,74 @@ def run_compare(
         _error(out, f"stopped; {hint}")
         return EXIT_INTERRUPTED
 
-    summary = summarize(compare_dir, plan, recipes)
-    (compare_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    (compare_dir / REPORT_FILE).write_text(render_report(summary))
-    _print_table(out, summary)
-    for warning in summary["warnings"]:
-        out.print(f"warning: {warning}", style="yellow", markup=False)
+    summaries = {}
+    for label, recipes in cells.items():
+        cell_dir = compare_dir if label is None else compare_dir / label
+        summaries[label] = _finish_cell(cell_dir, plan, recipes, out, label)
+    if plan.grid:
+        grid = summarize_grid(compare_dir, plan, summaries)
+        _write_summary(compare_dir, grid)
+        (compare_dir / REPORT_FILE).write_text(render_grid_report(grid))
+        _print_grid(out, grid)
     out.print(
         f"written: {compare_dir / SUMMARY_FILE}, {compare_dir / REPORT_FILE}; "
         f"curves: tensorboard --logdir {compare_dir}",
         markup=False,
     )
     return EXIT_OK
+
+
+def _cell_recipes(base: Recipe, plan: Plan) -> dict[str | None, dict[tuple[str, int], Recipe]]:
+    """The recipe of every (entry, seed) of every cell, all validated before anything runs."""
+    cells, errors = {}, []
+    for label, overrides in plan.cells:
+        try:
+            cell_base = recipe_from_dict(recipe_to_dict(base), list(overrides)) if label else base
+            cells[label] = _run_recipes(cell_base, plan)
+        except RecipeError as exc:
+            errors += [f"{label}: {line}" if label else line for line in exc.errors]
+    if errors:
+        raise RecipeError(errors)
+    return cells
+
+
+def _finish_cell(
+    cell_dir: Path,
+    plan: Plan,
+    recipes: Mapping[tuple[str, int], Recipe],
+    out: Console,
+    label: str | None,
+) -> dict[str, Any]:
+    """Summary, plots and report of one cell (the whole comparison without a grid), printed."""
+    summary = summarize(cell_dir, plan, recipes)
+    summary["cell"] = label
+    _write_summary(cell_dir, summary)  # before the plots: a failing plot loses no result
+    try:
+        summary["plots"] = write_plots(cell_dir, summary)
+    except Exception as exc:  # the numbers stand without pictures; say why they are missing
+        summary["warnings"].append(f"plots not drawn: {type(exc).__name__}: {exc}")
+    _write_summary(cell_dir, summary)
+    (cell_dir / REPORT_FILE).write_text(render_report(summary))
+    if label is not None:
+        out.print(Text(f"cell {label}", style="bold"))
+    _print_table(out, summary)
+    _print_verdicts(out, summary)
+    for warning in summary["warnings"]:
+        out.print(f"warning: {warning}", style="yellow", markup=False)
+    return summary
+
+
+def display_path(path: Path) -> str:
+    """A recipe path for reports: a bundled recipe by name, a path under the working directory
+    relative to it, anything else as it is (never this machine's absolute path to a file
+    the user named relatively)."""
+    resolved = path.resolve()
+    if resolved.parent == recipes_dir().resolve():
+        return resolved.stem
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _load_plan(compare_dir: Path, given: Recipe | None) -> tuple[Plan, Recipe]:
@@ -517,6 +669,8 @@ def _load_plan(compare_dir: Path, given: Recipe | None) -> tuple[Plan, Recipe]:
         )
     data = json.loads(plan_path.read_text())
     plan = Plan(**{k: data[k] for k in ("source", "overrides", "methods", "variants", "seeds")})
+    plan.baseline = data.get("baseline", DEFAULT_BASELINE)  # plans written before --baseline
+    plan.grid = data.get("grid", {})
     try:
         base = load_recipe(recipe_path)
     except RecipeError as exc:
@@ -562,14 +716,17 @@ def _columns(metrics: list[str]) -> list[Column]:
         for m in metrics:
             fmt = ("{:.2f}" if m == "psnr" else "{:.4f}").format
             value = _get(f"eval_{stage}", f"eval/{m}")
-            cols.append(Column(f"{stage}/{m}", f"{stage} {m}", EVAL_METRICS[m], fmt, value))
+            cols.append(Column(f"{stage}/{m}", f"{stage} {m}", metric_better(m), fmt, value))
     share, mean_cos = _get("conflict", "share"), _get("conflict", "mean_cosine")
+    ratio, max_ratio = _get("norm_ratio", "mean_ratio"), _get("norm_ratio", "max_ratio")
     return [
         *cols,
         Column("train_seconds", "wall time s", "min", "{:.1f}".format, _get("train_seconds")),
         Column("step_seconds", "s/step", "min", "{:.3f}".format, _get("median_step_seconds")),
         Column("conflict_share", "conflict steps", None, "{:.0%}".format, share),
         Column("mean_cosine", "mean cos", None, "{:+.3f}".format, mean_cos),
+        Column("norm_ratio", "norm ratio", None, "{:.1f}".format, ratio),
+        Column("max_norm_ratio", "max norm ratio", None, "{:.1f}".format, max_ratio),
     ]
 
 
@@ -594,6 +751,7 @@ def summarize(
     }
     present = {k.removeprefix("eval/") for r in _all(runs) for k in r.get("eval_final", {})}
     metrics = [m for m in EVAL_METRICS if m in present]
+    metrics += sorted(m for m in present if m.startswith(TASK_ERROR))
     columns = _columns(metrics)
     results: dict[str, dict[str, Any]] = {}
     for e in entries:
@@ -627,10 +785,45 @@ def summarize(
                 f"{reference} (expected only where a variant changes data.* settings)"
             )
     first = recipes[entries[0].name, plan.seeds[0]]
+    baseline = plan.baseline
+    final_columns = [c for c in columns if c.key.startswith("final/")]
+    verdicts: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e.name == baseline:
+            continue
+        per_metric = {}
+        for col in final_columns:
+            ours = _per_seed(runs[e.name], col)
+            theirs = _per_seed(runs[baseline], col)
+            verdict = paired_verdict(ours, theirs, col.better or "max")
+            if verdict is not None:
+                per_metric[col.key.removeprefix("final/")] = verdict.to_dict()
+        verdicts[e.name] = per_metric
+    primary = first.checkpoint.best_metric.removeprefix("eval/")
+    primary = primary if primary in metrics else (metrics[0] if metrics else None)
+    sentences = []
+    for name, per_metric in verdicts.items():
+        if primary in per_metric:
+            share = results[name]["conflict_share"]
+            sentences.append(
+                sentence(
+                    name,
+                    baseline,
+                    primary.upper() if len(primary) <= 4 else primary,
+                    Verdict(**per_metric[primary]),
+                    _difference_format(primary),
+                    share["mean"] if share else None,
+                )
+            )
     return {
         "recipe": first.name,
         "source": plan.source,
         "compare_dir": str(compare_dir),
+        "baseline": baseline,
+        "primary_metric": primary,
+        "verdicts": verdicts,
+        "sentences": sentences,
+        "better": {m: metric_better(m) for m in metrics},
         "written": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": runs[reference][str(plan.seeds[0])].get("device"),
         "torch": torch.__version__,
@@ -657,6 +850,15 @@ def summarize(
         "warnings": warnings,
         "runs": runs,
     }
+
+
+def _per_seed(per_seed_runs: Mapping[str, dict], col: Column) -> dict[str, float]:
+    values = {seed: col.value(run) for seed, run in per_seed_runs.items()}
+    return {seed: v for seed, v in values.items() if v is not None}
+
+
+def _difference_format(metric: str) -> str:
+    return "{:+.2f}" if metric == "psnr" else "{:+.4f}"
 
 
 def _all(runs: Mapping[str, Mapping[str, dict]]) -> list[dict]:
@@ -699,6 +901,49 @@ def _cells(summary: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, list,
     return titles, rows
 
 
+def _write_summary(compare_dir: Path, summary: Mapping[str, Any]) -> None:
+    (compare_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+
+
+_LABEL_STYLE = {"better": "bold green", "worse": "bold red"}
+
+
+def _verdict_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, list]]]:
+    """Titles and, per entry but the baseline, (name, [(text, label) per final metric])."""
+    metrics = summary["metrics"]
+    titles = [f"vs {summary['baseline']}", *(f"final {m}" for m in metrics)]
+    rows = []
+    for name, per_metric in summary["verdicts"].items():
+        cells = []
+        for metric in metrics:
+            raw = per_metric.get(metric)
+            if raw is None:
+                cells.append(("–", ""))
+                continue
+            verdict = Verdict(**raw)
+            text = format_difference(verdict, _difference_format(metric))
+            cells.append((f"{text} {verdict.label}", verdict.label))
+        rows.append((name, cells))
+    return titles, rows
+
+
+def _print_verdicts(out: Console, summary: Mapping[str, Any]) -> None:
+    titles, rows = _verdict_cells(summary)
+    if not rows:
+        return
+    table = Table(
+        title=f"Differences to {summary['baseline']}, paired by seed (mean, 95 % interval)",
+        caption="better / worse: the interval excludes 0; within noise: it contains 0",
+    )
+    for title in titles:
+        table.add_column(title, justify="left" if title == titles[0] else "right")
+    for name, cells in rows:
+        table.add_row(name, *(Text(t, style=_LABEL_STYLE.get(label, "")) for t, label in cells))
+    out.print(table)
+    for line in summary["sentences"]:
+        out.print(line, markup=False, highlight=False)
+
+
 def _print_table(out: Console, summary: Mapping[str, Any]) -> None:
     titles, rows = _cells(summary)
     seeds = len(summary["seeds"])
@@ -717,9 +962,36 @@ def _print_table(out: Console, summary: Mapping[str, Any]) -> None:
     out.print(table)
 
 
+def _markdown_table(titles: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(titles) + " |",
+        "|" + "---|" * len(titles),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def _table_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The results table in Markdown, each column's best in bold."""
+    titles, rows = _cells(summary)
+    return _markdown_table(
+        titles,
+        (
+            [label, *(f"**{t}**" if m else t for t, m in zip(texts, marks, strict=True))]
+            for label, texts, marks in rows
+        ),
+    )
+
+
+def _verdict_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The verdict table in Markdown (empty when only the baseline ran)."""
+    titles, rows = _verdict_cells(summary)
+    if not rows:
+        return []
+    return _markdown_table(titles, ([f"`{n}`", *(t for t, _ in cells)] for n, cells in rows))
+
+
 def render_report(summary: Mapping[str, Any]) -> str:
     """``report.md``: the table, what each entry changes, and whether the data matched."""
-    titles, rows = _cells(summary)
     seeds = summary["seeds"]
     lines = [
         f"# gcond compare: {summary['recipe']}",
@@ -730,10 +1002,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
     ]
     if summary["overrides"]:
         lines.append("Overrides for every run: " + " ".join(f"`{o}`" for o in summary["overrides"]))
-    lines += ["", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-    for label, texts, marks in rows:
-        cells = [f"**{t}**" if m else t for t, m in zip(texts, marks, strict=True)]
-        lines.append("| " + " | ".join([label, *cells]) + " |")
+    if summary.get("cell"):
+        lines.append(f"Grid cell `{summary['cell']}`.")
+    lines += ["", *_table_lines(summary)]
     every = summary["log_every"]
     lines += [
         "",
@@ -756,6 +1027,29 @@ def render_report(summary: Mapping[str, Any]) -> str:
             lines.append(f"* `{entry['name']}`: variant, method `{entry['method']}`, {changes}")
         else:
             lines.append(f"* `{entry['name']}`: method `{entry['method']}`")
+    verdicts = _verdict_lines(summary)
+    if verdicts:
+        lines += [
+            "",
+            f"## Does it beat `{summary['baseline']}`?",
+            "",
+            *(f"* {line}" for line in summary["sentences"]),
+            "",
+            *verdicts,
+            "",
+            f"Each cell: the mean over seeds of (entry − `{summary['baseline']}`) on the final "
+            "evaluation, paired by seed (both saw the same data and started from the same "
+            "weights), with its 95 % confidence interval (Student's t). Better / worse: the "
+            "interval excludes 0; within noise: it contains 0, so these seeds show no "
+            "difference; with one seed there is no interval. The norm ratio is the largest "
+            "over the smallest raw per-loss gradient norm of a step: far above 1, the losses "
+            "differ in scale; the lowest cosine says whether they differ in direction.",
+        ]
+    plots = summary.get("plots") or {}
+    if plots:
+        lines += ["", "## Pictures", ""]
+        for title, file_name in plots.items():
+            lines += [f"### {title}", "", f"![{title}]({file_name})", ""]
     check = summary["data_check"]
     lines += ["", "## Same data", ""]
     if check["identical"]:
@@ -772,7 +1066,134 @@ def render_report(summary: Mapping[str, Any]) -> str:
         lines += [f"* {w}" for w in summary["warnings"]]
     lines += [
         "",
-        f"Curves: `tensorboard --logdir {summary['compare_dir']}` (Custom Scalars tab).",
+        "Curves: `tensorboard --logdir .` in this directory (Custom Scalars tab).",
         "",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# A grid of comparisons
+
+_MARK = {"better": "▲ better", "worse": "▼ worse", "within noise": "≈", "too few seeds": "?"}
+
+
+def summarize_grid(
+    compare_dir: Path, plan: Plan, summaries: Mapping[str | None, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """One row per cell: the primary metric per entry, its verdict, and how the losses relate."""
+    first = next(iter(summaries.values()))
+    primary = first["primary_metric"]
+    cells = []
+    for (label, overrides), summary in zip(plan.cells, summaries.values(), strict=True):
+        results = summary["results"]
+        row: dict[str, Any] = {"cell": label, "overrides": list(overrides), "entries": {}}
+        for entry in summary["entries"]:
+            name = entry["name"]
+            cell = results[name].get(f"final/{primary}")
+            verdict = summary["verdicts"].get(name, {}).get(primary)
+            row["entries"][name] = {
+                "final": cell,
+                "verdict": verdict,
+                "conflict_share": results[name].get("conflict_share"),
+                "mean_cosine": results[name].get("mean_cosine"),
+                "norm_ratio": results[name].get("norm_ratio"),
+            }
+        row["sentences"] = summary["sentences"]
+        cells.append(row)
+    return {
+        "recipe": first["recipe"],
+        "source": plan.source,
+        "grid": plan.grid,
+        "baseline": plan.baseline,
+        "primary_metric": primary,
+        "better": first["better"].get(primary),
+        "seeds": plan.seeds,
+        "max_steps": first["max_steps"],
+        "device": first["device"],
+        "torch": first["torch"],
+        "written": _dt.datetime.now().isoformat(timespec="seconds"),
+        "entries": [e["name"] for e in first["entries"]],
+        "overrides": plan.overrides,
+        "cells": cells,
+    }
+
+
+def _grid_rows(grid: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Overview titles and rows: per cell, the losses' relation and each entry's result."""
+    primary, entries = grid["primary_metric"], grid["entries"]
+    fmt = _difference_format(primary).replace("+", "")
+    titles = ["cell", "conflict steps", "mean cos", "norm ratio", *entries]
+    rows = []
+    for cell in grid["cells"]:
+        # How the raw per-loss gradients relate: read from the first entry that computes them.
+        measured = next(
+            (e for e in cell["entries"].values() if e["conflict_share"] is not None), None
+        )
+        row = [f"`{cell['cell']}`"]
+        for key, form in (
+            ("conflict_share", "{:.0%}"),
+            ("mean_cosine", "{:+.2f}"),
+            ("norm_ratio", "{:.1f}"),
+        ):
+            value = measured and measured[key]
+            row.append(form.format(value["mean"]) if value else "–")
+        for name in entries:
+            result = cell["entries"][name]
+            final, verdict = result["final"], result["verdict"]
+            text = "–" if final is None else fmt.format(final["mean"])
+            if final is not None and len(grid["seeds"]) > 1:
+                text += " ± " + fmt.format(final["std"])
+            if verdict is not None:
+                text += f" {_MARK.get(verdict['label'], verdict['label'])}"
+            row.append(text)
+        rows.append(row)
+    return titles, rows
+
+
+def render_grid_report(grid: Mapping[str, Any]) -> str:
+    """The grid's ``report.md``: an overview table, then each cell's tables (in its folder)."""
+    primary, baseline = grid["primary_metric"], grid["baseline"]
+    direction = "lower" if grid["better"] == "min" else "higher"
+    keys = ", ".join(f"`{k}` ∈ {{{', '.join(v)}}}" for k, v in grid["grid"].items())
+    seeds = grid["seeds"]
+    titles, rows = _grid_rows(grid)
+    lines = [
+        f"# gcond compare grid: {grid['recipe']}",
+        "",
+        f"Recipe `{grid['source']}` over {keys}; {grid['max_steps']} optimizer steps per run, "
+        f"seeds {', '.join(map(str, seeds))}; device {grid['device']}, torch {grid['torch']}; "
+        f"written {grid['written']}.",
+    ]
+    if grid["overrides"]:
+        lines.append("Overrides for every run: " + " ".join(f"`{o}`" for o in grid["overrides"]))
+    lines += [
+        "",
+        f"Final `{primary}` ({direction} is better), mean ± std over seeds; the mark is the "
+        f"verdict against `{baseline}`, paired by seed with a 95 % interval: ▲ better, ▼ worse, "
+        "≈ within noise. Conflict steps, mean cos and norm ratio describe the raw per-loss "
+        "gradients (of the first method that computes them): the share of steps whose lowest "
+        "cosine was below the weak threshold, the mean lowest cosine, and the mean ratio of "
+        "the largest to the smallest per-loss gradient norm.",
+        "",
+        *_markdown_table(titles, rows),
+        "",
+    ]
+    for cell in grid["cells"]:
+        lines += [f"## `{cell['cell']}`", "", *(f"* {s}" for s in cell["sentences"]), ""]
+        lines.append(f"Tables and plots: [{cell['cell']}/report.md]({cell['cell']}/report.md)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _print_grid(out: Console, grid: Mapping[str, Any]) -> None:
+    titles, rows = _grid_rows(grid)
+    table = Table(
+        title=f"gcond compare grid: final {grid['primary_metric']} "
+        f"(mark: verdict against {grid['baseline']})"
+    )
+    for title in titles:
+        table.add_column(title.strip("`"), justify="left" if title == "cell" else "right")
+    for row in rows:
+        table.add_row(*(cell.strip("`") for cell in row))
+    out.print(table)

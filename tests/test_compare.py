@@ -102,6 +102,60 @@ def test_report_and_table(compared: tuple[Path, dict]) -> None:
     assert "Every entry of a seed saw the same first micro-batch" in report
 
 
+def test_verdicts_against_sum_paired_by_seed(compared: tuple[Path, dict]) -> None:
+    directory, summary = compared
+    assert summary["baseline"] == "sum" and summary["primary_metric"] == "ssim"
+    assert set(summary["verdicts"]) == {"conductor", "seed-momentum"}
+    for name, per_metric in summary["verdicts"].items():
+        assert set(per_metric) == {"l1", "ssim", "psnr"}
+        for metric, verdict in per_metric.items():
+            ours = summary["runs"][name]
+            theirs = summary["runs"]["sum"]
+            diffs = [
+                ours[str(s)]["eval_final"][f"eval/{metric}"]
+                - theirs[str(s)]["eval_final"][f"eval/{metric}"]
+                for s in SEEDS
+            ]
+            assert verdict["mean"] == pytest.approx(sum(diffs) / 2)
+            assert verdict["seeds"] == 2
+            assert verdict["low"] <= verdict["mean"] <= verdict["high"]
+            inside = verdict["low"] <= 0 <= verdict["high"]
+            assert (verdict["label"] == "within noise") == inside
+    assert [line.split(":")[0] for line in summary["sentences"]] == [
+        "conductor vs sum",
+        "seed-momentum vs sum",
+    ]
+    assert "SSIM" in summary["sentences"][0] and "2 seeds" in summary["sentences"][0]
+    assert "losses conflicted on" in summary["sentences"][0]
+    report = (directory / "report.md").read_text()
+    assert "## Does it beat `sum`?" in report
+    assert all(line in report for line in summary["sentences"])
+
+
+def test_norm_ratio_next_to_the_cosines(compared: tuple[Path, dict]) -> None:
+    _, summary = compared
+    run = summary["runs"]["conductor"]["0"]
+    assert run["norm_ratio"]["max_ratio"] >= run["norm_ratio"]["mean_ratio"] >= 1.0
+    assert summary["runs"]["sum"]["0"]["norm_ratio"] is None
+    assert summary["results"]["conductor"]["norm_ratio"]["mean"] >= 1.0
+
+
+def test_plots_are_written_and_embedded(compared: tuple[Path, dict]) -> None:
+    directory, summary = compared
+    plots = summary["plots"]
+    assert plots, summary["warnings"]
+    report = (directory / "report.md").read_text()
+    for title, file_name in plots.items():
+        assert (directory / file_name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{title}]({file_name})" in report
+
+
+def test_paths_in_the_report_are_as_typed_or_relative(compared: tuple[Path, dict]) -> None:
+    directory, summary = compared
+    assert summary["source"] == "tests/recipes/tiny.yaml"
+    assert "tensorboard --logdir ." in (directory / "report.md").read_text()
+
+
 def test_resume_skips_finished_runs(compared: tuple[Path, dict]) -> None:
     directory, _ = compared
     result = runner.invoke(app, ["compare", "--resume", str(directory)])
@@ -155,6 +209,8 @@ def test_bad_requests_exit_2_before_anything_runs(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "lion: conductor.momentum_beta" in result.output
     assert "did you mean 'optimizer'" in result.output
+    result = _compare(tmp_path, "--methods", "conductor,sum", "--baseline", "sun")
+    assert result.exit_code == 2 and "did you mean 'sum'" in result.output
     assert not (tmp_path / "tiny").exists()
 
 
