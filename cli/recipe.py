@@ -144,8 +144,20 @@ class MaskConfig(_Section):
     patch_size: Size = 4
 
 
+class LabConfig(_Section):
+    """The conflict lab's dials (dataset conflict_lab); the problem is described in cli/lab.py."""
+
+    direction: Cosine = 0.0  # cosine between what the tasks want: +1 aligned, -1 opposed
+    scale: float = Field(1.0, ge=1.0, le=1e6)  # last task's loss / first task's, at the start
+    input_dim: Size = 16
+    output_dim: Size = 4  # per task, = the shared representation's width
+    noise: NonNegative = 0.1  # training-target noise, in units of the target's std
+
+
 class DataConfig(_Section):
-    dataset: Literal["embedded", "cifar10", "stl10", "imagefolder", "synthetic"] = "embedded"
+    dataset: Literal["embedded", "cifar10", "stl10", "imagefolder", "synthetic", "conflict_lab"] = (
+        "embedded"
+    )
     root: str | None = None  # cifar10 / stl10 / imagefolder directory
     download: bool = False
     skip_bad_images: bool = False  # imagefolder: train without unreadable images (listed)
@@ -156,6 +168,7 @@ class DataConfig(_Section):
     labels: Literal["none", "class", "rotation"] = "none"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
+    lab: LabConfig = Field(default_factory=LabConfig)  # dataset conflict_lab
 
     def _issues(self) -> Iterator[_Issue]:
         if self.image_size % self.mask.patch_size:
@@ -169,7 +182,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["mae_vit", "masked_conv"]
+    name: Literal["mae_vit", "masked_conv", "lab_mlp"]  # lab_mlp: the conflict lab's (dim, depth)
     # mae_vit
     patch_size: Size = 4
     dim: Size = 128
@@ -196,7 +209,8 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    kind: Literal["l1", "mse", "ssim", "ms_ssim", "cross_entropy"]
+    # task_mse: the conflict lab's task of the loss's name
+    kind: Literal["l1", "mse", "ssim", "ms_ssim", "cross_entropy", "task_mse"]
     weight: NonNegative  # the loss's lambda
     masked_only: bool = False  # reconstruction losses: only the masked region counts
     win_size: int = Field(11, ge=3, le=MAX_SIZE)  # ssim / ms_ssim window
@@ -316,13 +330,13 @@ class LogConfig(_Section):
 class CheckpointConfig(_Section):
     every: Count = 100  # steps between "latest" checkpoints (also at the end and on stop)
     keep_best: bool = True
-    best_metric: Literal["eval/l1", "eval/mse", "eval/ssim", "eval/psnr", "eval/accuracy"] = (
-        "eval/ssim"
-    )
+    best_metric: Literal[
+        "eval/l1", "eval/mse", "eval/ssim", "eval/psnr", "eval/accuracy", "eval/mean_err"
+    ] = "eval/ssim"
     best_mode: Literal["max", "min"] = "max"
 
     def _issues(self) -> Iterator[_Issue]:
-        mode = "min" if self.best_metric in ("eval/l1", "eval/mse") else "max"
+        mode = "min" if self.best_metric in ("eval/l1", "eval/mse", "eval/mean_err") else "max"
         if self.best_mode != mode:
             yield _Issue(("best_mode",), self.best_mode, f"'{mode}' for {self.best_metric}")
 
@@ -367,6 +381,7 @@ class Recipe(_Section):
         yield from self._label_issues()
         yield from self._loss_issues()
         yield from self._accumulation_issues()
+        yield from self._lab_issues()
         method = self.conductor.method
         if method in SCALED_SUMS and self.loss_scale not in ("none", SCALED_SUMS[method]):
             yield _Issue(
@@ -375,6 +390,33 @@ class Recipe(_Section):
                 f"'none' or '{SCALED_SUMS[method]}' with conductor.method {method} (which is "
                 f"sum with loss_scale {SCALED_SUMS[method]}); for sum with loss_scale "
                 f"{self.loss_scale}, use conductor.method: sum",
+            )
+
+    def _lab_issues(self) -> Iterator[_Issue]:
+        """The conflict lab goes with its model, its losses and its metric, and only with them."""
+        lab = self.data.dataset == "conflict_lab"
+        if lab != (self.model.name == "lab_mlp"):
+            yield _Issue(
+                ("model", "name"),
+                self.model.name,
+                "lab_mlp with data.dataset conflict_lab"
+                if lab
+                else "mae_vit or masked_conv (lab_mlp is for data.dataset conflict_lab)",
+            )
+        for name, loss in self.losses.items():
+            if lab != (loss.kind == "task_mse"):
+                yield _Issue(
+                    ("losses", name, "kind"),
+                    loss.kind,
+                    "task_mse with data.dataset conflict_lab (one loss per task)"
+                    if lab
+                    else "an image loss (task_mse is for data.dataset conflict_lab)",
+                )
+        if lab and self.checkpoint.best_metric != "eval/mean_err":
+            yield _Issue(
+                ("checkpoint", "best_metric"),
+                self.checkpoint.best_metric,
+                "eval/mean_err (best_mode: min) for data.dataset conflict_lab",
             )
 
     def _model_issues(self) -> Iterator[_Issue]:

@@ -25,7 +25,7 @@ from rich.console import Console
 from torch import nn
 
 from gcond import autocast, call_model
-from gcond_cli import distributed
+from gcond_cli import distributed, lab
 from gcond_cli.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -37,7 +37,7 @@ from gcond_cli.checkpoint import (
 from gcond_cli.data import DeviceDataProvider, ImageSet, build_datasets, build_val_batches
 from gcond_cli.logger import RunLogger
 from gcond_cli.losses import build_loss, eval_metrics
-from gcond_cli.methods import build_method, per_loss_backward_mode
+from gcond_cli.methods import build_method, effective_loss_scale, per_loss_backward_mode
 from gcond_cli.models import build_model
 from gcond_cli.recipe import Recipe, RecipeError, dump_recipe_yaml, load_recipe, recipe_to_dict
 
@@ -148,24 +148,12 @@ class Trainer:
         torch.manual_seed(recipe.seed)
 
         is_main = self.dist.rank == 0
-        train_set, val_set = datasets or build_datasets(
-            recipe.data, recipe.seed, console=Console(stderr=True) if console and is_main else None
-        )
-        self.skipped_images = train_set.skipped
-        self.provider = DeviceDataProvider(
-            train_set,
-            recipe.data,
-            self.device,
-            recipe.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        self.val_batches = build_val_batches(
-            val_set, recipe.data, self.device, recipe.seed, recipe.eval.batch_size
-        )
-        self.model = build_model(recipe.model, recipe.data).to(self.device)
+        self.skipped_images: list[str] = []
+        if recipe.data.dataset == "conflict_lab":
+            self._build_lab()
+        else:
+            self._build_images(datasets, console and is_main)
         self.wrapped = distributed.wrap(self.model, self.dist)
-        self.loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
         lambdas = {n: c.weight for n, c in recipe.losses.items()}
         self.method = build_method(
             recipe.conductor,
@@ -197,6 +185,47 @@ class Trainer:
             tensorboard=recipe.log.tensorboard,
         )
         self.stop_signal: int | None = None
+
+    def _build_images(self, datasets: tuple[ImageSet, ImageSet] | None, console: bool) -> None:
+        """Data, model and losses of the image recipes (reconstruction, classification)."""
+        recipe = self.recipe
+        train_set, val_set = datasets or build_datasets(
+            recipe.data, recipe.seed, console=Console(stderr=True) if console else None
+        )
+        self.skipped_images = train_set.skipped
+        self.provider = DeviceDataProvider(
+            train_set,
+            recipe.data,
+            self.device,
+            recipe.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.val_batches = build_val_batches(
+            val_set, recipe.data, self.device, recipe.seed, recipe.eval.batch_size
+        )
+        self.model = build_model(recipe.model, recipe.data).to(self.device)
+        self.loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
+        self.eval_sums = eval_metrics
+        self.eval_images = _reconstruction_images
+
+    def _build_lab(self) -> None:
+        """Data, model and losses of the conflict lab (cli/lab.py): one task per loss."""
+        recipe, tasks = self.recipe, list(self.recipe.losses)
+        problem = lab.LabProblem(recipe.data.lab, tasks)
+        self.provider = lab.LabProvider(
+            problem, recipe.data, self.device, recipe.seed, rank=self.dist.rank
+        )
+        self.val_batches = lab.lab_val_batches(
+            problem, recipe.data, self.device, recipe.eval.batch_size
+        )
+        cfg = recipe.data.lab
+        self.model = lab.LabMLP(
+            cfg.input_dim, cfg.output_dim, recipe.model.dim, recipe.model.depth, tasks
+        ).to(self.device)
+        self.loss_fns = {name: lab.task_mse(name) for name in tasks}
+        self.eval_sums = partial(lab.lab_eval_sums, problem=problem)
+        self.eval_images = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -254,16 +283,10 @@ class Trainer:
             for x, target in self.val_batches:
                 with autocast(self.device, self.autocast_dtype):
                     output = call_model(self.model, x)
-                for key, value in eval_metrics(output, target).items():
+                for key, value in self.eval_sums(output, target).items():
                     totals[key] = totals.get(key, 0) + value
-                if not images:
-                    k = self.recipe.eval.num_images
-                    image, mask = target["image"][:k], target["mask"][:k]
-                    images = {
-                        "input": image,
-                        "masked": image * (1 - mask) + 0.5 * mask,
-                        "reconstruction": output["recon"][:k].float().clamp(0, 1),
-                    }
+                if not images and self.eval_images is not None:
+                    images = self.eval_images(output, target, self.recipe.eval.num_images)
         finally:
             self.model.train()
         count = totals.pop("count")
@@ -392,6 +415,9 @@ class Trainer:
         return {
             "recipe": self.recipe.name,
             "method": self.recipe.conductor.method,
+            "loss_scale": effective_loss_scale(
+                self.recipe.conductor.method, self.recipe.loss_scale
+            ),
             "steps": self.step,
             "train_seconds": self.elapsed,
             "seconds_per_step": self.elapsed / max(self.step, 1),
@@ -400,6 +426,18 @@ class Trainer:
             "world_size": self.dist.world_size,
             "per_loss_backward": backward_description(self.method),
         }
+
+
+def _reconstruction_images(
+    output: dict[str, torch.Tensor], target: dict[str, torch.Tensor], count: int
+) -> dict[str, torch.Tensor]:
+    """The first ``count`` validation images: input, what the encoder saw, the reconstruction."""
+    image, mask = target["image"][:count], target["mask"][:count]
+    return {
+        "input": image,
+        "masked": image * (1 - mask) + 0.5 * mask,
+        "reconstruction": output["recon"][:count].float().clamp(0, 1),
+    }
 
 
 def backward_description(method: Any) -> str | None:
