@@ -18,7 +18,7 @@ import torch
 from ._accumulate import Gradients
 from ._arbitrator import Arbitrator
 from ._config import ConductorConfig
-from ._resolution import ZONES, Resolution, resolve_gram
+from ._resolution import ZONES, resolve_gram
 
 
 @dataclass
@@ -65,7 +65,6 @@ class ConflictResolver:
             norm_ema_beta=config.norm_ema_beta,
             eps=config.eps,
         )
-        self.last: Resolution | None = None  # the latest decisions, for inspection
 
     def resolve(self, gradients: Gradients) -> Resolved:
         cfg, names = self.config, self.loss_names
@@ -92,7 +91,6 @@ class ConflictResolver:
             eps=cfg.eps,
             scale=norm_cap_scales(norms, cfg.norm_cap),
         )
-        self.last = res
         stats = {"proj_iters": float(res.iterations)}
         for zone in ZONES:
             stats[f"conflicts/{zone}"] = float(res.zone_counts[zone])
