@@ -990,18 +990,24 @@ def _verdict_lines(summary: Mapping[str, Any]) -> list[str]:
     return _markdown_table(titles, ([f"`{n}`", *(t for t, _ in cells)] for n, cells in rows))
 
 
+def _report_head(title: str, scope: str, info: Mapping[str, Any]) -> list[str]:
+    """A report's title, what ran (recipe, steps, seeds, device) and the common overrides."""
+    lines = [
+        f"# {title}",
+        "",
+        f"Recipe `{info['source']}`{scope}, {info['max_steps']} optimizer steps per run, "
+        f"seeds {', '.join(map(str, info['seeds']))}; device {info['device']}, "
+        f"torch {info['torch']}; written {info['written']}.",
+    ]
+    if info["overrides"]:
+        lines.append("Overrides for every run: " + " ".join(f"`{o}`" for o in info["overrides"]))
+    return lines
+
+
 def render_report(summary: Mapping[str, Any]) -> str:
     """``report.md``: the table, what each entry changes, and whether the data matched."""
     seeds = summary["seeds"]
-    lines = [
-        f"# gcond compare: {summary['recipe']}",
-        "",
-        f"Recipe `{summary['source']}`, {summary['max_steps']} optimizer steps per run, "
-        f"seeds {', '.join(map(str, seeds))}; device {summary['device']}, "
-        f"torch {summary['torch']}; written {summary['written']}.",
-    ]
-    if summary["overrides"]:
-        lines.append("Overrides for every run: " + " ".join(f"`{o}`" for o in summary["overrides"]))
+    lines = _report_head(f"gcond compare: {summary['recipe']}", "", summary)
     if summary.get("cell"):
         lines.append(f"Grid cell `{summary['cell']}`.")
     lines += ["", *_table_lines(summary)]
@@ -1156,17 +1162,8 @@ def render_grid_report(grid: Mapping[str, Any]) -> str:
     primary, baseline = grid["primary_metric"], grid["baseline"]
     direction = "lower" if grid["better"] == "min" else "higher"
     keys = ", ".join(f"`{k}` ∈ {{{', '.join(v)}}}" for k, v in grid["grid"].items())
-    seeds = grid["seeds"]
     titles, rows = _grid_rows(grid)
-    lines = [
-        f"# gcond compare grid: {grid['recipe']}",
-        "",
-        f"Recipe `{grid['source']}` over {keys}; {grid['max_steps']} optimizer steps per run, "
-        f"seeds {', '.join(map(str, seeds))}; device {grid['device']}, torch {grid['torch']}; "
-        f"written {grid['written']}.",
-    ]
-    if grid["overrides"]:
-        lines.append("Overrides for every run: " + " ".join(f"`{o}`" for o in grid["overrides"]))
+    lines = _report_head(f"gcond compare grid: {grid['recipe']}", f" over {keys}", grid)
     lines += [
         "",
         f"Final `{primary}` ({direction} is better), mean ± std over seeds; the mark is the "
