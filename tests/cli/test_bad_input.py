@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli_validate import BAD, TINY, _recipe
 from torch import nn
 from typer.testing import CliRunner
 
 from gcond import GradientConductor
 from gcond_cli.app import app
 from gcond_cli.recipe import dump_recipe_yaml, load_recipe
+from tests.cli.test_cli_validate import BAD, _recipe
+from tests.helpers import TINY
 
 runner = CliRunner()
 

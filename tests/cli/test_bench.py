@@ -16,8 +16,10 @@ from gcond_cli.bench import (
     bench_recipe,
 )
 from gcond_cli.methods import method_unavailable
+from tests.helpers import TINY
 
-TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
+pytestmark = pytest.mark.slow  # integration: timed benchmark runs
+
 runner = CliRunner()
 FAST = ["--steps", "2", "--warmup", "1", "--rounds", "1"]
 

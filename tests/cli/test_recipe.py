@@ -17,8 +17,8 @@ from gcond_cli.recipe import (
     recipes_dir,
     resolve_recipe_path,
 )
+from tests.helpers import TINY
 
-TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
 BUNDLED = [name for name, _ in bundled_recipes()]
 
 

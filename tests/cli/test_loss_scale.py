@@ -8,16 +8,13 @@ first step's micro-batches at the initial w.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 from gcond_cli.methods import InitialScaleMethod, build_method
 from gcond_cli.recipe import ConductorConfig, RecipeError, load_recipe
-
-TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
+from tests.helpers import TINY
 
 W0 = torch.tensor([0.5, -1.0])
 LAMBDAS = {"a": 0.7, "b": 0.3}

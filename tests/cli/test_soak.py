@@ -5,8 +5,9 @@ TensorBoard and the console), and the process's resident memory (RSS) is sampled
 step; on CUDA, `torch.cuda.memory_allocated` as well. Statistics, history, logging or TensorBoard
 that kept something per step would show up as growth after warm-up.
 
-CI runs a short version (`SHORT_STEPS`). `GCOND_SOAK_STEPS=2000 pytest -m slow tests/test_soak.py
--s` runs the long one and prints the figures.
+CI runs a short version (`SHORT_STEPS`).
+`GCOND_SOAK_STEPS=2000 pytest -m slow tests/cli/test_soak.py -s` runs the long one and prints
+the figures.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 
 from gcond_cli.recipe import load_recipe
 from gcond_cli.train import Trainer
+from tests.helpers import TINY
 
-TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
+pytestmark = pytest.mark.slow  # integration: host memory over a run
+
 SHORT_STEPS = 300
 WARM_UP = 150  # allocator pools, first eval, first checkpoint, TensorBoard's writer thread
 LONG_STEPS = int(os.environ.get("GCOND_SOAK_STEPS", "0"))

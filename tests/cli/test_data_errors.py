@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 from gcond_cli import data
 from gcond_cli.app import app
 from gcond_cli.recipe import DataConfig
+from tests.helpers import TINY
 
-TINY = Path(__file__).parent / "recipes" / "tiny.yaml"  # image_size 16, micro-batch 4, val 8
+# TINY: image_size 16, micro-batch 4, val 8
 runner = CliRunner()
 
 
@@ -403,6 +404,7 @@ def gcond(tmp_path: Path, *args: str, code: str | None = None) -> subprocess.Com
     )
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_end_to_end_bad_folder_exits_2_without_traceback(tmp_path: Path) -> None:
     root, expected = truncated_image(tmp_path)
     done = gcond(tmp_path, *folder_args(root))
@@ -410,6 +412,7 @@ def test_end_to_end_bad_folder_exits_2_without_traceback(tmp_path: Path) -> None
     assert expected[0] in done.stderr  # errors go to stderr
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_end_to_end_unexpected_exception_keeps_its_traceback(tmp_path: Path) -> None:
     # A bug anywhere in a command (here: where the recipe is read, before torch is imported).
     bug = "import gcond_cli.app as app\napp.resolve_recipe_path = lambda name: 1 / 0"

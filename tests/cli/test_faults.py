@@ -1,6 +1,6 @@
 """Nothing lost: faults injected into real training runs (issue 5).
 
-Each fault is injected for real by ``tests/_fault_runner.py`` (monkeypatching from the outside;
+Each fault is injected for real by ``tests/cli/_fault_runner.py`` (monkeypatching from the outside;
 no fault code lives in the product): ``kill -9`` at seeded moments, a disk that fills up, damaged
 checkpoints, NaN losses, fp16 overflow, SIGINT/SIGTERM, a data provider that raises.
 
@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import _fault_runner
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -35,10 +34,12 @@ from gcond_cli.app import app
 from gcond_cli.checkpoint import load_checkpoint
 from gcond_cli.recipe import load_recipe
 from gcond_cli.train import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Trainer
+from tests.cli import _fault_runner
+from tests.helpers import TINY
 
-TESTS = Path(__file__).parent
-TINY = TESTS / "recipes" / "tiny.yaml"
-RUNNER = TESTS / "_fault_runner.py"
+pytestmark = pytest.mark.slow  # integration: faults injected into real runs
+
+RUNNER = Path(__file__).parent / "_fault_runner.py"
 FAST = ["log.tensorboard=false"]
 runner = CliRunner()
 # These runs are tiny: one thread each keeps them fast on a busy machine, where OpenMP's

@@ -2,7 +2,7 @@
 
 Tests start it as a subprocess, the faults in ``GCOND_FAULTS``::
 
-    GCOND_FAULTS="kill_in_write:latest.pt:4:1000" python tests/_fault_runner.py train RECIPE ...
+    GCOND_FAULTS="kill_in_write:latest.pt:4:1000" python tests/cli/_fault_runner.py train RECIPE ...
 
 or call :func:`install` in-process with pytest's ``monkeypatch`` for faults that leave
 the process alive. A spec is ``;``-separated ``kind:arg:...`` items; STEPS is ``3``, ``3,5``,
@@ -27,7 +27,7 @@ the process alive. A spec is ``;``-separated ``kind:arg:...`` items; STEPS is ``
 Every checkpoint renamed into place is reported on stderr as ``fault-runner: NAME of step S in
 place``, so a test knows which checkpoint was the last complete one when a kill struck.
 
-``python tests/_fault_runner.py --serve`` is a fork server (see :func:`serve`) that starts such
+``python tests/cli/_fault_runner.py --serve`` is a fork server (see :func:`serve`) that starts such
 runs as forked processes, without paying for a fresh interpreter's imports each time.
 """
 

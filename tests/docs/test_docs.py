@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-ALGORITHM = Path(__file__).resolve().parents[1] / "docs" / "algorithm.md"
+from tests.helpers import REPO
+
+ALGORITHM = REPO / "docs" / "algorithm.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", ALGORITHM.read_text(), flags=re.S)
 
 

@@ -1,4 +1,4 @@
-"""One rank of the 2-process gloo group that tests/test_ddp.py starts (CPU, loopback only).
+"""One rank of the 2-process gloo group that tests/gcond/test_ddp.py starts (CPU, loopback only).
 
 The model, losses and micro-batches are defined here and imported by the test, so the parent
 builds its single-process references from exactly the same pieces. Each rank runs every

@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 
 from gcond_cli.app import app
 from gcond_cli.train import Trainer
+from tests.helpers import TINY
 
-TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
+pytestmark = pytest.mark.slow  # integration: end-to-end training runs
+
 runner = CliRunner()
 
 

@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from gcond_cli.app import app
 from gcond_cli.compare import batch_checksum, parse_methods, parse_variant, split_top_level
 from gcond_cli.train import Trainer, UsageError
+from tests.helpers import TINY
 
-TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
+pytestmark = pytest.mark.slow  # integration: end-to-end comparisons
+
 FAST = ["schedule.max_steps=2", "eval.every=1", "checkpoint.every=1"]
 METHODS = ["conductor", "sum"]
 SEEDS = [0, 1]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gcond
 
 PACKAGE = Path(gcond.__file__).resolve().parent
@@ -26,6 +28,7 @@ def test_source_imports_only_torch_and_the_standard_library():
                 assert root in allowed, f"{path.name} imports {root}"
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_importing_gcond_loads_nothing_beyond_torch_and_the_standard_library():
     # Import torch first, then gcond, in a fresh interpreter, and list what gcond added.
     code = (

@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from gcond_cli.app import app
+from tests.helpers import TINY
 
-TINY = Path(__file__).parent / "recipes" / "tiny.yaml"
 runner = CliRunner()
 
 

@@ -10,7 +10,7 @@
 
 The data are made here from a seeded generator (not by the harness's data provider), so these
 values change only when the library, the models, the losses or the recipes do. Regenerate with
-``python tests/test_golden.py`` only for a change that is *meant* to change the numbers.
+``python -m tests.gcond.test_golden`` only for a change that is *meant* to change the numbers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,8 +30,9 @@ from gcond_cli.losses import build_loss
 from gcond_cli.methods import build_method, method_unavailable
 from gcond_cli.models import build_model
 from gcond_cli.recipe import load_recipe, recipes_dir
+from tests.helpers import DATA
 
-STATES = Path(__file__).parent / "data" / "conductor_states.pt"
+STATES = DATA / "conductor_states.pt"
 STEPS = 20
 TINY = (
     "data.image_size=16",

@@ -2,7 +2,7 @@
 
 ``GCOND_TEST_FAULT=raise:RANK:STEP`` makes that rank raise while computing optimizer step STEP;
 ``GCOND_TEST_FAULT=sigterm:RANK:STEP`` sends SIGTERM to that rank alone as step STEP starts.
-Usage: ``torchrun --nproc-per-node 2 tests/_faulty_train.py train RECIPE ...``.
+Usage: ``torchrun --nproc-per-node 2 tests/cli/_faulty_train.py train RECIPE ...``.
 """
 
 from __future__ import annotations

@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import _ddp_worker as w
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.gcond import _ddp_worker as w
+
+pytestmark = pytest.mark.slow  # integration: two gloo processes
 
 K = len(w.LAMBDAS)
 TIMEOUT_S = 180  # a hang (ranks waiting in mismatched collectives) fails instead of blocking

@@ -23,10 +23,9 @@ from gcond_cli import distributed
 from gcond_cli.data import DeviceDataProvider, build_datasets
 from gcond_cli.recipe import load_recipe
 from gcond_cli.train import Trainer, UsageError
+from tests.helpers import TINY
 
-TESTS = Path(__file__).parent
-TINY = TESTS / "recipes" / "tiny.yaml"
-FAULTY = TESTS / "_faulty_train.py"  # gcond with a fault injected on one rank
+FAULTY = Path(__file__).parent / "_faulty_train.py"  # gcond with a fault injected on one rank
 TIMEOUT_S = 240  # far above a normal launch: reaching it means the ranks hung
 
 

@@ -125,6 +125,7 @@ def test_bad_dials_and_mismatched_parts_are_refused_with_exit_2(override, expect
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow  # 12 runs and a resume
 def test_a_grid_of_comparisons_from_one_command(tmp_path):
     result = runner.invoke(
         app,
