@@ -9,15 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from gcond_cli.app import app
 from gcond_cli.lab import LabMLP, LabProblem, LabProvider, lab_eval_sums, lab_val_batches
 from gcond_cli.recipe import load_recipe, recipes_dir
 from gcond_cli.train import Trainer
 
 LAB = recipes_dir() / "conflict_lab.yaml"
-runner = CliRunner()
 
 
 def _recipe(*overrides: str):
@@ -118,34 +115,31 @@ def test_errors_are_relative_to_each_targets_variance():
         ("checkpoint.best_metric=eval/ssim checkpoint.best_mode=max", "checkpoint.best_metric"),
     ],
 )
-def test_bad_dials_and_mismatched_parts_are_refused_with_exit_2(override, expected):
-    result = runner.invoke(app, ["validate", "conflict_lab", *override.split()])
+def test_bad_dials_and_mismatched_parts_are_refused_with_exit_2(cli, override, expected):
+    result = cli("validate", "conflict_lab", *override.split())
     assert result.exit_code == 2, result.output
     assert expected in result.output
     assert "Traceback" not in result.output
 
 
 @pytest.mark.slow  # 12 runs and a resume
-def test_a_grid_of_comparisons_from_one_command(tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "compare",
-            "conflict_lab",
-            "schedule.max_steps=3",
-            "schedule.warmup_steps=1",
-            "eval.every=3",
-            f"log.runs_dir={tmp_path}",
-            "--methods",
-            "sum,sum-log,conductor",
-            "--grid",
-            "data.lab.direction=0.5,-0.9",
-            "--grid",
-            "data.lab.scale=1,100",
-            "--name",
-            "g",
-            "-q",
-        ],
+def test_a_grid_of_comparisons_from_one_command(cli, tmp_path):
+    result = cli(
+        "compare",
+        "conflict_lab",
+        "schedule.max_steps=3",
+        "schedule.warmup_steps=1",
+        "eval.every=3",
+        f"log.runs_dir={tmp_path}",
+        "--methods",
+        "sum,sum-log,conductor",
+        "--grid",
+        "data.lab.direction=0.5,-0.9",
+        "--grid",
+        "data.lab.scale=1,100",
+        "--name",
+        "g",
+        "-q",
     )
     assert result.exit_code == 0, result.output
     directory = tmp_path / "conflict_lab" / "compare-g"
@@ -178,7 +172,7 @@ def test_a_grid_of_comparisons_from_one_command(tmp_path):
         assert f"| `{label}` |" in report
         assert f"({label}/report.md)" in report
     # --resume finds every run of every cell finished and writes the same overview again.
-    resumed = runner.invoke(app, ["compare", "--resume", str(directory), "-q"])
+    resumed = cli("compare", "--resume", directory, "-q")
     assert resumed.exit_code == 0, resumed.output
     assert resumed.output.count("finished earlier, skipped") == 4 * 3
     again = json.loads((directory / "summary.json").read_text())
@@ -188,16 +182,13 @@ def test_a_grid_of_comparisons_from_one_command(tmp_path):
     assert share["direction-0.9_scale1"] > share["direction0.5_scale1"]
 
 
-def test_bad_grid_options_exit_2_before_anything_runs(tmp_path):
+def test_bad_grid_options_exit_2_before_anything_runs(cli, tmp_path):
     for grid in ("data.lab.direction", "data.lab.direction=", "data.lab.direction=a/b"):
-        result = runner.invoke(
-            app, ["compare", "conflict_lab", f"log.runs_dir={tmp_path}", "--grid", grid]
-        )
+        result = cli("compare", "conflict_lab", f"log.runs_dir={tmp_path}", "--grid", grid)
         assert result.exit_code == 2, result.output
         assert "--grid" in result.output
-    result = runner.invoke(
-        app,
-        ["compare", "conflict_lab", f"log.runs_dir={tmp_path}", "--grid", "data.lab.scale=1,0.1"],
+    result = cli(
+        "compare", "conflict_lab", f"log.runs_dir={tmp_path}", "--grid", "data.lab.scale=1,0.1"
     )
     assert result.exit_code == 2 and "scale0.1: data.lab.scale" in result.output
     assert not (tmp_path / "conflict_lab").exists()

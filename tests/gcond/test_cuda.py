@@ -12,10 +12,7 @@ from torch import nn
 from gcond import GradientConductor
 from gcond_cli.methods import SumMethod
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
 
 def mse(out, target):
