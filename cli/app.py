@@ -159,8 +159,9 @@ def compare(
         typer.Option(
             "--methods",
             metavar="M1,M2",
-            help="Methods to compare: conductor, conductor-stochastic, sum, and with TorchJD "
-            "pcgrad, upgrad, mgda, cagrad (default: conductor,sum).",
+            help="Methods to compare: conductor, conductor-stochastic, sum, the scale-only "
+            "baselines sum-log and sum-normalized, and with TorchJD pcgrad, upgrad, mgda, cagrad "
+            "(default: conductor,sum).",
             show_default=False,
         ),
     ] = None,
