@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from ._validation import _is_number, real_problem
+
 
 @dataclass(frozen=True)
 class ConfigProblem:
@@ -198,10 +200,6 @@ def _unknown_message(name: str) -> str:
     return f"unknown conductor parameter {name!r}{hint}"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _numbers(value: Any, length: int) -> bool:
     return (
         isinstance(value, (tuple, list))
@@ -245,28 +243,17 @@ def _reals(cfg: ConductorConfig, name: str, length: int, **bounds: Any) -> Itera
         yield from _check_real((name, i), item, **bounds)
 
 
-def _check_real(
-    path: tuple[str | int, ...],
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> Iterator[ConfigProblem]:
-    """A finite real number inside [low, high] (open ends where asked)."""
-    if not _is_number(value):
+def _check_real(path: tuple[str | int, ...], value: Any, **bounds: Any) -> Iterator[ConfigProblem]:
+    """A finite real number inside [low, high] (open ends where asked): see `real_problem`."""
+    problem = real_problem(value, **bounds)
+    if problem is None:
+        return
+    kind, interval = problem
+    if kind == "type":
         yield ConfigProblem(path, value, "a real number", wrong_type=True)
-        return
-    if not math.isfinite(value):
+    elif kind == "finite":
         yield ConfigProblem(path, value, "a finite number")
-        return
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        interval = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+    else:
         yield ConfigProblem(path, value, f"a number in {interval}")
 
 
