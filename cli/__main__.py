@@ -1,6 +1,6 @@
 """`python -m gcond_cli ...` runs the gcond CLI (also `torchrun ... -m gcond_cli train RECIPE`)."""
 
-from gcond_cli.app import main
+from .app import main
 
 if __name__ == "__main__":
     main()

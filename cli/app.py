@@ -8,8 +8,11 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from .components import builtins
 from .errors import EXIT_USAGE, GcondError, print_error
+from .plugins import PluginRoots, resolve_references
 from .recipe import (
     Recipe,
     RecipeError,
@@ -43,6 +46,17 @@ VariantOption = Annotated[
         help="Add a named variant of the recipe beside the methods (repeatable), e.g. "
         "seed-momentum:conductor.momentum_beta=0.9,optimizer.betas=[0.0,0.95] "
         "(bench: conductor.*, optimizer.*, clip_grad_norm, precision only).",
+        show_default=False,
+    ),
+]
+PluginOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plugin",
+        metavar="PATH_OR_PACKAGE",
+        help="Trust this .py file, folder or installed package as a source of code for the "
+        "recipe's `target:` references (repeatable). A plugin is code: give only what you trust. "
+        "Packages with a 'gcond.plugins' entry point are trusted too.",
         show_default=False,
     ),
 ]
@@ -91,11 +105,18 @@ def _reports_errors(command: Command) -> Command:
     return run  # type: ignore[return-value]
 
 
-def _load(recipe: str, overrides: Sequence[str] | None) -> tuple[Recipe, Path]:
-    """The validated recipe and its file; a bad recipe raises a RecipeError naming every problem."""
+def _load(
+    recipe: str, overrides: Sequence[str] | None, plugins: PluginRoots | None = None
+) -> tuple[Recipe, Path]:
+    """The validated recipe and its file; a bad recipe raises a RecipeError naming every problem.
+    With ``plugins``, its references to the user's code are imported (from those roots only)
+    and checked against their signatures too."""
     path = resolve_recipe_path(recipe)
     try:
-        return load_recipe(path, overrides or ()), path
+        loaded = load_recipe(path, overrides or ())
+        if plugins is not None:
+            resolve_references(loaded, plugins)
+        return loaded, path
     except RecipeError as exc:
         exc.source = exc.source or path
         raise
@@ -128,6 +149,7 @@ def train(
             show_default=False,
         ),
     ] = None,
+    plugin: PluginOption = None,
 ) -> None:
     """Train from a recipe; logs, TensorBoard events and checkpoints go to the run directory.
 
@@ -136,10 +158,13 @@ def train(
     Ctrl-C stops after writing a checkpoint. Several GPUs:
     `torchrun --nproc-per-node 4 -m gcond_cli train RECIPE`.
     """
-    loaded, path = _load(recipe, overrides)
+    roots = PluginRoots.from_options(plugin or ())
+    loaded, path = _load(recipe, overrides, None if resume else roots)
     from .train import run_train  # imports torch: only once the recipe is known good
 
-    raise typer.Exit(run_train(loaded, recipe_path=path, run_name=run_name, resume=resume))
+    raise typer.Exit(
+        run_train(loaded, recipe_path=path, run_name=run_name, resume=resume, plugins=roots)
+    )
 
 
 @app.command()
@@ -221,6 +246,7 @@ def compare(
             show_default=False,
         ),
     ] = None,
+    plugin: PluginOption = None,
 ) -> None:
     """Train the same recipe with several methods (same seeds, data and steps) and compare them.
 
@@ -230,7 +256,8 @@ def compare(
     (better, worse, within noise). Writes summary.json, report.md and PNG plots to the
     comparison's directory, where `tensorboard --logdir DIR` overlays every run.
     """
-    loaded, path = _load(recipe, overrides) if recipe is not None else (None, None)
+    roots = PluginRoots.from_options(plugin or ())
+    loaded, path = _load(recipe, overrides, roots) if recipe is not None else (None, None)
     from .compare import run_compare  # imports torch: only once the recipe is known good
 
     code = run_compare(
@@ -245,6 +272,7 @@ def compare(
         quiet=quiet,
         baseline=baseline,
         grid=grid or (),
+        plugins=roots,
     )
     raise typer.Exit(code)
 
@@ -256,8 +284,8 @@ def bench(
         str | None,
         typer.Argument(
             metavar="RECIPE",
-            help="Recipe to measure (its data replaced by synthetic images); default: a "
-            "built-in workload, see --workload.",
+            help="Recipe to measure (an image data set is replaced by synthetic images); "
+            "default: a built-in workload, see --workload.",
             show_default=False,
         ),
     ] = None,
@@ -331,6 +359,7 @@ def bench(
         ),
     ] = None,
     variant: VariantOption = None,
+    plugin: PluginOption = None,
 ) -> None:
     """Time and memory of each method per optimizer step, as ratios to plain accumulation (sum).
 
@@ -354,30 +383,53 @@ def bench(
             depth=depth,
             json_path=json_path,
             variants=variant or (),
+            plugins=PluginRoots.from_options(plugin or ()),
         )
     )
 
 
 @app.command()
 @_reports_errors
-def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def validate(
+    recipe: RecipeArg, overrides: OverridesArg = None, plugin: PluginOption = None
+) -> None:
     """Check a recipe (with overrides) without training; print it resolved, every default filled in.
 
-    Exit code 0 when the recipe is valid, 2 with every problem listed when it is not.
+    References to your own code (`target:`) are imported from the --plugin roots and their
+    `args` checked against the function's signature. Exit code 0 when the recipe is valid, 2 with
+    every problem listed when it is not.
     """
-    loaded, path = _load(recipe, overrides)
+    loaded, path = _load(recipe, overrides, PluginRoots.from_options(plugin or ()))
     typer.echo(f"# resolved from {path}" + "".join(f" {o}" for o in overrides or ()))
     typer.echo(dump_recipe_yaml(loaded), nl=False)
     typer.echo("# recipe OK")
 
 
 @app.command()
-def recipes() -> None:
+def recipes(
+    components: Annotated[
+        bool,
+        typer.Option(
+            "--components", help="Also list the built-in models, data sets, losses and methods."
+        ),
+    ] = False,
+) -> None:
     """List the bundled recipes; run one by name: `gcond train NAME`."""
+    console = Console()
     table = Table("recipe", "description", title="Bundled recipes")
     for file_name, description in bundled_recipes():
         table.add_row(Path(file_name).stem, description)
-    Console().print(table)
+    console.print(table)
+    if components:
+        table = Table("kind", "name", "description", title="Built-in components")
+        for kind in ("model", "data", "loss", "method"):
+            for name, entry in builtins(kind).items():
+                table.add_row(kind, name, Text(entry.summary))
+        console.print(table)
+        console.print(
+            'Your own: `target: "file.py:function"` with --plugin file.py (see the README\'s '
+            "'Your own model')."
+        )
 
 
 def main() -> None:

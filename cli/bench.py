@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +51,20 @@ from torch.utils._pytree import tree_leaves
 
 import gcond
 from gcond import GradientConductor
-from gcond_cli.compare import parse_methods, parse_variants
-from gcond_cli.data import DeviceDataProvider, build_datasets
-from gcond_cli.losses import build_loss
-from gcond_cli.methods import (
+
+from .compare import parse_methods, parse_variants
+from .errors import UsageError
+from .methods import (
     METHODS,
     build_method,
     method_unavailable,
     per_loss_backward_mode,
 )
-from gcond_cli.models import build_model
-from gcond_cli.recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
-from gcond_cli.train import (
-    EXIT_OK,
-    UsageError,
-    build_optimizer,
-    resolve_device,
-    resolve_precision,
-)
+from .plugins import PluginRoots, resolve_references
+from .recipe import ImageDataConfig, Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from .run import build_data, build_parts
+from .tasks import batch_size
+from .train import EXIT_OK, build_optimizer, resolve_device, resolve_precision
 
 DATA_POOL = 2  # distinct micro-batches cycled through (kept small: they count in the memory)
 CONFLICT_COSINE = -0.7  # of the made-up gradients resolution is also timed on
@@ -172,6 +168,10 @@ def bench_recipe(
     options += [f"model.depth={depth}"] if depth else []
     resolved = recipe_from_dict(raw, [*overrides, *options])
     data = resolved.data
+    if not isinstance(data, ImageDataConfig):  # the lab's or the user's data: measured as it is
+        if losses:
+            raise UsageError("--losses: only for recipes on an image data set")
+        return resolved
     synthetic = [
         "data.dataset=synthetic",
         "data.download=false",
@@ -316,10 +316,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _data_pool(recipe: Recipe, device: torch.device) -> list[Any]:
-    train_set, _ = build_datasets(recipe.data, recipe.seed)
-    provider = DeviceDataProvider(train_set, recipe.data, device, recipe.seed)
-    return [provider() for _ in range(DATA_POOL)]
+def _data_pool(
+    recipe: Recipe, device: torch.device, targets: Mapping[str, Callable[..., Any]]
+) -> tuple[Any, list[Any]]:
+    """The recipe's data source, and the micro-batches every method cycles through."""
+    source = build_data(recipe, device, targets=targets)
+    provider = source.train()
+    return source, [provider() for _ in range(DATA_POOL)]
 
 
 def _conflict_timing(
@@ -381,17 +384,25 @@ class MethodRun:
     with the other methods' runs (:func:`time_in_turn`)."""
 
     def __init__(
-        self, name: str, recipe: Recipe, pool: list[Any], device: torch.device, warmup: int
+        self,
+        name: str,
+        recipe: Recipe,
+        pool: tuple[Any, list[Any]],
+        device: torch.device,
+        warmup: int,
+        targets: Mapping[str, Callable[..., Any]] | None = None,
     ) -> None:
-        """``name``: the method, or a variant's name (the method is ``recipe.conductor.method``)."""
+        """``name``: the method, or a variant's name (the method is ``recipe.conductor.method``);
+        ``pool``: the data source and its micro-batches (`_data_pool`)."""
         self.name, self.recipe, self.device = name, recipe, device
         autocast_dtype, needs_scaler = resolve_precision(recipe.precision, device)
         memory = _MemoryMeter(device)
         memory.start()
         try:
             torch.manual_seed(recipe.seed)
-            self.model = build_model(recipe.model, recipe.data).to(device)
-            loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
+            source, batches = pool
+            parts = build_parts(recipe, device, targets=targets, data=source)
+            self.model, loss_fns = parts.model, parts.loss_fns
             lambdas = {n: c.weight for n, c in recipe.losses.items()}
             self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
             self.method = build_method(
@@ -408,7 +419,7 @@ class MethodRun:
             # A conductor is timed through its two public halves; other methods as a whole.
             self.conductor = self.method if isinstance(self.method, GradientConductor) else None
             cursor = iter(range(1 << 62))
-            self.provider = lambda: pool[next(cursor) % len(pool)]
+            self.provider = lambda: batches[next(cursor) % len(batches)]
             for _ in range(warmup):
                 self._step()
             _sync(device)
@@ -517,10 +528,16 @@ def with_method(recipe: Recipe, method: str) -> Recipe:
 
 
 def bench_method(
-    name: str, recipe: Recipe, pool: list[Any], device: torch.device, steps: int, warmup: int
+    name: str,
+    recipe: Recipe,
+    pool: tuple[Any, list[Any]],
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    targets: Mapping[str, Callable[..., Any]] | None = None,
 ) -> dict[str, Any]:
     """One method alone: build, warm up, ``steps`` timed steps."""
-    run = MethodRun(name, with_method(recipe, name), pool, device, warmup)
+    run = MethodRun(name, with_method(recipe, name), pool, device, warmup, targets)
     time_in_turn([run], steps)
     return run.result()
 
@@ -623,6 +640,7 @@ def run_bench(
     depth: int | None = None,
     json_path: Path | None = None,
     variants: Sequence[str] = (),
+    plugins: PluginRoots | None = None,
 ) -> int:
     """``gcond bench``: returns the exit code (0 done); a bad request raises a `GcondError`."""
     isatty = getattr(sys.stdout, "isatty", None)
@@ -652,8 +670,9 @@ def run_bench(
         for name, (variant, overrides) in bench_variants(resolved, variants, names).items():
             entries[name], variant_overrides[name] = variant, overrides
         names = list(entries)
+        targets = resolve_references(resolved, plugins or PluginRoots.from_options())
         device = resolve_device(resolved.device)
-        pool = _data_pool(resolved, device)
+        pool = _data_pool(resolved, device, targets)
     except ValueError as exc:  # settings the builders refuse; other harness errors: app.py
         raise UsageError(str(exc)) from None
 
@@ -662,13 +681,13 @@ def run_bench(
     n, k = resolved.conductor.accumulation_steps, len(resolved.losses)
     out.print(
         f"bench {resolved.name} on {_device_name(device)} ({device}), {precision}: "
-        f"N={n} micro-batches of {resolved.data.micro_batch_size}, K={k} losses, "
+        f"N={n} micro-batches of {batch_size(pool[1][0][0])}, K={k} losses, "
         f"{warmup} warm-up + {steps} timed steps per method and round, {rounds} rounds",
         markup=False,
     )
     # One untimed run first: the first method to run would otherwise pay the process's one-time
     # costs (library handles, kernel selection, allocator pools) in time and memory.
-    bench_method("sum", resolved, pool, device, steps=1, warmup=max(warmup, 1))
+    bench_method("sum", resolved, pool, device, steps=1, warmup=max(warmup, 1), targets=targets)
     # Each round builds every method afresh (one after the other, their memory measured alone),
     # then times their steps in turn, step by step. Measured one method after the other instead,
     # the ratios moved by up to 25 % between passes on a shared GPU, and on a CPU the method run
@@ -681,7 +700,7 @@ def run_bench(
                 continue
             out.print(f"  round {r + 1}/{rounds}: build and warm up {name} ...", markup=False)
             try:
-                runs.append(MethodRun(name, entries[name], pool, device, warmup))
+                runs.append(MethodRun(name, entries[name], pool, device, warmup, targets))
             except (ValueError, RuntimeError) as exc:  # e.g. stochastic with N < K, OOM
                 per_round[name].append({"method": name, "error": f"{type(exc).__name__}: {exc}"})
                 _error(out, f"{name}: {per_round[name][-1]['error']}")
@@ -722,12 +741,13 @@ def run_bench(
         "num_losses": k,
         "losses": list(resolved.losses),
         "accumulation_steps": n,
-        "micro_batch_size": resolved.data.micro_batch_size,
-        "image_size": resolved.data.image_size,
+        "micro_batch_size": batch_size(pool[1][0][0]),
+        "image_size": getattr(resolved.data, "image_size", None),
         "steps": steps,
         "warmup": warmup,
         "rounds": rounds,
-        "data": f"{DATA_POOL} synthetic micro-batches on the device, cycled (not timed)",
+        "data": f"{DATA_POOL} micro-batches of the recipe's data on the device, cycled (not "
+        "timed); synthetic images for the image data sets",
         "memory": _MemoryMeter(device).kind,
         "methods": results,
         "targets": targets,

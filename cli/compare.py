@@ -28,7 +28,6 @@ import re
 import shutil
 import statistics
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +38,26 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gcond_cli.checkpoint import latest_checkpoint, load_checkpoint
-from gcond_cli.data import ImageSet, build_datasets
-from gcond_cli.logger import METRICS_FILE, SUMMARY_FILE
-from gcond_cli.methods import METHODS, method_unavailable
-from gcond_cli.plots import norm_ratio, write_plots
-from gcond_cli.recipe import (
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .data import ImageSet, build_datasets
+from .errors import GcondError
+from .logger import METRICS_FILE, SUMMARY_FILE
+from .methods import METHODS, method_unavailable
+from .plots import norm_ratio, write_plots
+from .plugins import (
+    ComponentError,
+    PluginRoots,
+    require_roots,
+    resolve_references,
+    save_plugin_roots,
+    saved_plugin_roots,
+)
+from .recipe import (
+    ImageDataConfig,
+    LabDataConfig,
     Recipe,
     RecipeError,
+    TargetConfig,
     dump_recipe_yaml,
     load_recipe,
     name_problem,
@@ -54,19 +65,17 @@ from gcond_cli.recipe import (
     recipe_to_dict,
     recipes_dir,
 )
-from gcond_cli.train import (
+from .train import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     RECIPE_FILE,
     Trainer,
-    TrainingStopped,
     UsageError,
+    run_to_end,
 )
-from gcond_cli.verdict import Verdict, format_difference, paired_verdict, sentence
-
-from .errors import GcondError
+from .verdict import Verdict, format_difference, paired_verdict, sentence
 
 PLAN_FILE = "compare.json"
 REPORT_FILE = "report.md"
@@ -74,6 +83,7 @@ FIRST_BATCH_FILE = "first_batch.json"
 DEFAULT_METHODS = ("conductor", "sum")
 # Eval metrics of the table, and which way is better.
 EVAL_METRICS = {"l1": "min", "ssim": "max", "psnr": "max", "accuracy": "max", "mean_err": "min"}
+USER_FILES = ("imagefolder", "cifar10", "stl10")  # data sets read from the user's files
 TASK_ERROR = "err_"  # the conflict lab's per-task errors, eval/err_<task>: lower is better
 DEFAULT_BASELINE = "sum"
 _VARIANT_FORM = (
@@ -137,9 +147,25 @@ class Plan:
         }
 
 
-def metric_better(metric: str) -> str:
-    """Which way an eval metric (without ``eval/``) improves: "min" or "max"."""
+def metric_better(metric: str, recipe: Recipe | None = None) -> str:
+    """Which way an eval metric (without ``eval/``) improves: "min" or "max". The user's own
+    metrics improve downwards unless listed in the recipe's ``eval.higher_is_better``."""
+    if recipe is not None and _user_metrics(recipe):
+        return "max" if metric in recipe.eval.higher_is_better else "min"
     return EVAL_METRICS.get(metric, "min")  # the lab's err_<task> and any error-like metric
+
+
+def _user_metrics(recipe: Recipe) -> bool:
+    """Whether the evaluation is the user's (their own, or their losses on their data)."""
+    return recipe.eval.target is not None or isinstance(recipe.data, TargetConfig)
+
+
+def _shown_metrics(recipe: Recipe, present: set[str]) -> list[str]:
+    """The metrics of the table: the built-in data sets' chosen few, or every user metric."""
+    if _user_metrics(recipe):
+        return sorted(present)
+    metrics = [m for m in EVAL_METRICS if m in present]
+    return metrics + sorted(m for m in present if m.startswith(TASK_ERROR))
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:
@@ -376,9 +402,24 @@ def _user_datasets(recipes: Iterable[Recipe], out: Console) -> dict[str, tuple[I
     loaded = {}
     for recipe in recipes:
         key = _data_key(recipe)
-        if recipe.data.dataset in ("imagefolder", "cifar10", "stl10") and key not in loaded:
+        files = isinstance(recipe.data, ImageDataConfig) and recipe.data.dataset in USER_FILES
+        if files and key not in loaded:
             loaded[key] = build_datasets(recipe.data, recipe.seed, console=out)
     return loaded
+
+
+def _user_code(recipes: Iterable[Recipe], plugins: PluginRoots) -> dict[int, dict[str, Any]]:
+    """The user's components of every run (by ``id`` of its recipe), imported from the trusted
+    roots and checked against their signatures; every problem of every run at once."""
+    resolved, errors = {}, []
+    for recipe in recipes:
+        try:
+            resolved[id(recipe)] = resolve_references(recipe, plugins)
+        except RecipeError as exc:
+            errors += [line for line in exc.errors if line not in errors]
+    if errors:
+        raise RecipeError(errors)
+    return resolved
 
 
 def _train_run(
@@ -388,6 +429,7 @@ def _train_run(
     console: bool,
     out: Console,
     datasets: tuple[ImageSet, ImageSet] | None = None,
+    targets: Mapping[str, Callable[..., Any]] | None = None,
 ) -> int:
     """Train (or continue) one run of the comparison; returns its exit code."""
     payload = None
@@ -398,32 +440,20 @@ def _train_run(
             payload = load_checkpoint(checkpoint)
         elif run_dir.exists():
             shutil.rmtree(run_dir)  # it stopped before its first checkpoint: start it over
-        trainer = Trainer(recipe, run_dir, console=console, datasets=datasets)
+        trainer = Trainer(recipe, run_dir, console=console, datasets=datasets, targets=targets)
     except (GcondError, ValueError) as exc:
         _error(out, f"{run_dir}: {exc}")
         return EXIT_USAGE
+    except ComponentError as exc:  # the user's code broke its contract while building
+        _error(out, f"{run_dir}: building the run failed: {exc}")
+        return EXIT_FAILED
     if payload is not None:
         trainer.restore(payload)
     else:
         run_dir.mkdir(parents=True)
         (run_dir / RECIPE_FILE).write_text(dump_recipe_yaml(recipe))
         trainer.provider = _FirstBatchRecorder(trainer.provider, run_dir / FIRST_BATCH_FILE)
-    logger = trainer.logger
-    code, summary = EXIT_FAILED, None
-    try:
-        logger.start(trainer.step)
-        code = trainer.run()
-        if code == EXIT_OK:
-            summary = {**trainer.summary(), **run_results(run_dir, recipe)}
-    except TrainingStopped as exc:
-        logger.error(str(exc))
-    except Exception as exc:  # a training failure: keep the traceback in the run directory
-        logger.error(f"training failed at step {trainer.step + 1}: {type(exc).__name__}: {exc}")
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        logger.error(f"traceback written to {run_dir / 'error.log'}")
-    finally:
-        logger.close(summary)
-    return code
+    return run_to_end(trainer, results=lambda: run_results(run_dir, recipe))
 
 
 def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
@@ -443,18 +473,15 @@ def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
     best = {}
     for key in keys:
         values = [r[key] for r in evals if isinstance(r.get(key), int | float)]
-        pick = min if metric_better(key.removeprefix("eval/")) == "min" else max
+        pick = min if metric_better(key.removeprefix("eval/"), recipe) == "min" else max
         best[key] = pick(values) if values else None
 
-    # Seconds per step from the logged throughput; the first step pays one-time costs
-    # (allocation, kernel selection, the batched-backward probe), so it is left out.
-    samples_per_step = recipe.data.micro_batch_size * recipe.conductor.accumulation_steps
+    # Seconds per step as logged; the first step pays one-time costs (allocation, kernel
+    # selection, the batched-backward probe), so it is left out.
     step_seconds = [
-        samples_per_step / r["samples_per_s"]
+        r["step_s"]
         for r in records
-        if r.get("kind") == "train"
-        and isinstance(r.get("samples_per_s"), int | float)
-        and r["samples_per_s"] > 0
+        if r.get("kind") == "train" and isinstance(r.get("step_s"), int | float)
     ]
     step_seconds = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
 
@@ -501,10 +528,9 @@ def _write_layout(compare_dir: Path, base: Recipe) -> None:
 
     names = list(base.losses)
     pairs = [f"cos/{a}_vs_{b}" for i, a in enumerate(names) for b in names[i + 1 :]]
-    evals = ["eval/l1", "eval/mse", "eval/ssim", "eval/psnr"]
-    if base.data.labels != "none":
-        evals.append("eval/accuracy")
-    if base.data.dataset == "conflict_lab":
+    metrics = base.metrics()
+    evals = [m for m in metrics if m != "eval/mse" or _user_metrics(base)] if metrics else []
+    if isinstance(base.data, LabDataConfig):
         evals = ["eval/mean_err", *(f"eval/{TASK_ERROR}{n}" for n in names)]
     layout = {
         "compare: eval": charts(evals),
@@ -529,6 +555,7 @@ def run_compare(
     quiet: bool = False,
     baseline: str | None = None,
     grid: Sequence[str] = (),
+    plugins: PluginRoots | None = None,
 ) -> int:
     """``gcond compare``: returns the exit code (0 done, 1 a run failed, 2 bad request,
     130 stopped; the last two can be continued with ``--resume``)."""
@@ -555,9 +582,14 @@ def run_compare(
             )
     cells = _cell_recipes(base, plan)
     every_run = [r for recipes in cells.values() for r in recipes.values()]
+    plugins = plugins or PluginRoots.from_options()
+    if resume is not None:
+        require_roots(base, plugins, saved_plugin_roots(compare_dir), compare_dir)
+    targets = _user_code(every_run, plugins)  # refused or broken code: before anything is made
     datasets = _user_datasets(every_run, out)  # bad data is refused before anything is made
     if resume is None:
         compare_dir.mkdir(parents=True)
+        save_plugin_roots(compare_dir, plugins)
         (compare_dir / RECIPE_FILE).write_text(dump_recipe_yaml(base))
         (compare_dir / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
         for label in cells:
@@ -581,7 +613,12 @@ def run_compare(
             out.print(f"{head} -> {run_dir}", style="bold")
             run = cells[label][entry.name, seed]
             code = _train_run(
-                run, run_dir, console=not quiet, out=out, datasets=datasets.get(_data_key(run))
+                run,
+                run_dir,
+                console=not quiet,
+                out=out,
+                datasets=datasets.get(_data_key(run)),
+                targets=targets[id(run)],
             )
             if code != EXIT_OK:
                 _error(out, f"{head} did not finish (exit code {code}); {hint}")
@@ -710,13 +747,15 @@ def _get(*path: str) -> Callable[[dict], float | None]:
     return value
 
 
-def _columns(metrics: list[str]) -> list[Column]:
+def _columns(metrics: Mapping[str, str]) -> list[Column]:
+    """``metrics``: {name: "min" or "max"}, in the table's order."""
     cols = []
     for stage in ("final", "best"):
-        for m in metrics:
-            fmt = ("{:.2f}" if m == "psnr" else "{:.4f}").format
+        for m, better in metrics.items():
+            built_in = m in EVAL_METRICS or m.startswith(TASK_ERROR)
+            fmt = ("{:.2f}" if m == "psnr" else "{:.4f}" if built_in else "{:.4g}").format
             value = _get(f"eval_{stage}", f"eval/{m}")
-            cols.append(Column(f"{stage}/{m}", f"{stage} {m}", metric_better(m), fmt, value))
+            cols.append(Column(f"{stage}/{m}", f"{stage} {m}", better, fmt, value))
     share, mean_cos = _get("conflict", "share"), _get("conflict", "mean_cosine")
     ratio, max_ratio = _get("norm_ratio", "mean_ratio"), _get("norm_ratio", "max_ratio")
     return [
@@ -750,8 +789,8 @@ def summarize(
         for e in entries
     }
     present = {k.removeprefix("eval/") for r in _all(runs) for k in r.get("eval_final", {})}
-    metrics = [m for m in EVAL_METRICS if m in present]
-    metrics += sorted(m for m in present if m.startswith(TASK_ERROR))
+    base = next(iter(recipes.values()))
+    metrics = {m: metric_better(m, base) for m in _shown_metrics(base, present)}
     columns = _columns(metrics)
     results: dict[str, dict[str, Any]] = {}
     for e in entries:
@@ -823,7 +862,7 @@ def summarize(
         "primary_metric": primary,
         "verdicts": verdicts,
         "sentences": sentences,
-        "better": {m: metric_better(m) for m in metrics},
+        "better": dict(metrics),
         "written": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": runs[reference][str(plan.seeds[0])].get("device"),
         "torch": torch.__version__,

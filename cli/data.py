@@ -948,3 +948,46 @@ def build_val_batches(
             target["label"] = labels[part].to(device)
         batches.append(((batch_images, patch_mask), target))
     return batches
+
+
+class ImageData:
+    """A built-in image data set as a run's data source (see ``run.py``): the provider of
+    augmented, masked training micro-batches and the fixed validation batches, evaluated on
+    reconstruction metrics (and accuracy with labels)."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        recipe: Any,
+        *,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        datasets: tuple[ImageSet, ImageSet] | None = None,
+        console: Console | None = None,
+    ) -> None:
+        from .losses import eval_metrics, reconstruction_images
+        from .tasks import SummedMetrics
+
+        train_set, val_set = datasets or build_datasets(cfg, recipe.seed, console=console)
+        self.skipped = train_set.skipped
+        self.provider = DeviceDataProvider(
+            train_set, cfg, device, recipe.seed, rank=rank, world_size=world_size
+        )
+        self.batches = build_val_batches(val_set, cfg, device, recipe.seed, recipe.eval.batch_size)
+        self.task = SummedMetrics(eval_metrics, reconstruction_images, recipe.eval.num_images)
+
+    def train(self) -> DeviceDataProvider:
+        return self.provider
+
+    def val(self) -> list[tuple[tuple[Tensor, Tensor], dict[str, Tensor]]]:
+        return self.batches
+
+    def state_dict(self) -> dict[str, int]:
+        return self.provider.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.provider.load_state_dict(state)
+
+
+build_image_data = ImageData  # the registry's builder of the image data sets

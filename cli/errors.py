@@ -34,3 +34,7 @@ def print_error(error: GcondError, console: Console | None = None) -> None:
     console.print(Text(headline, style="bold red"), soft_wrap=True)
     for line in details:
         console.print(Text(line), soft_wrap=True)
+
+
+class UsageError(GcondError):
+    """A problem with the user's request (exit code 2), not with training."""

@@ -38,13 +38,15 @@ state is one counter and a resumed run continues the exact stream.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gcond_cli.data import _generator
+from .data import _generator
 
 _TEACHER_KEY = "conflict-lab-teacher"
 _VAL_KEY = "conflict-lab-validation"
@@ -193,3 +195,51 @@ def lab_eval_sums(
     sums["mean_err"] = sum(sums.values()) / len(problem.names)
     sums["count"] = torch.full((), float(count), device=next(iter(target.values())).device)
     return sums
+
+
+class LabData:
+    """The conflict lab as a run's data source (see ``run.py``): one task per loss."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        recipe: Any,
+        *,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        datasets: Any = None,
+        console: Any = None,
+    ) -> None:
+        from .tasks import SummedMetrics
+
+        self.problem = LabProblem(cfg.lab, list(recipe.losses))
+        self.provider = LabProvider(self.problem, cfg, device, recipe.seed, rank=rank)
+        self.batches = lab_val_batches(self.problem, cfg, device, recipe.eval.batch_size)
+        self.task = SummedMetrics(partial(lab_eval_sums, problem=self.problem))
+
+    def train(self) -> LabProvider:
+        return self.provider
+
+    def val(self) -> list[tuple[Tensor, dict[str, Tensor]]]:
+        return self.batches
+
+    def state_dict(self) -> dict[str, int]:
+        return self.provider.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.provider.load_state_dict(state)
+
+
+build_lab_data = LabData  # the registry's builder of dataset conflict_lab
+
+
+def build_lab_mlp(cfg: Any, recipe: Any) -> nn.Module:
+    """The lab's model (a LabModelConfig), one head per task (loss)."""
+    lab = recipe.data.lab
+    return LabMLP(lab.input_dim, lab.output_dim, cfg.dim, cfg.depth, list(recipe.losses))
+
+
+def build_task_mse(name: str, cfg: Any, recipe: Any) -> Callable[..., Tensor]:
+    """The error on the task of the loss's name."""
+    return task_mse(name)

@@ -145,7 +145,12 @@ class RunLogger:
     # ------------------------------------------------------------------ reporting
 
     def log_step(
-        self, step: int, stats: Mapping[str, float], lr: float, samples_per_s: float
+        self,
+        step: int,
+        stats: Mapping[str, float],
+        lr: float,
+        samples_per_s: float,
+        step_seconds: float | None = None,
     ) -> None:
         """Report the statistics of one optimizer step (a dict as returned by the method)."""
         self._require_started()
@@ -162,6 +167,8 @@ class RunLogger:
             record = {"step": step, "kind": "train"}
             record.update((k, v) for k, v in stats.items() if k != "step")
             record.update(lr=self._lr, samples_per_s=self._samples_per_s)
+            if step_seconds is not None:
+                record["step_s"] = float(step_seconds)
             self._write_record(record)
         if self._writer is not None:
             scalars = {**stats, "train/lr": self._lr, "train/samples_per_s": self._samples_per_s}

@@ -1,6 +1,6 @@
 """Losses and evaluation metrics.
 
-`build_loss` returns `fn(output, target) -> scalar float32 tensor`, where output is the model's
+Each builder returns `fn(output, target) -> scalar float32 tensor`, where output is the model's
 dict ("recon", "logits") and target the data provider's ("image", "mask", "label"). Every loss
 computes in fp32 and none syncs with the host, so the training loop can stack them as they are.
 
@@ -37,38 +37,20 @@ _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # pytorch-msssim's 
 _WIN_SIGMA = 1.5
 
 
-def build_loss(name: str, cfg: Any, data_cfg: Any) -> LossFn:
-    """The loss `cfg.kind` (a LossConfig) for images of side `data_cfg.image_size`.
+def build_pixel_loss(name: str, cfg: Any, recipe: Any) -> LossFn:
+    """l1 / mse of the reconstruction (a PixelLossConfig)."""
+    return _pixel_loss(cfg.kind, cfg.masked_only)
 
-    Raises ValueError, naming the loss, when the image is too small for its window.
-    """
-    size = data_cfg.image_size
-    if cfg.kind in ("l1", "mse"):
-        return _pixel_loss(cfg.kind, cfg.masked_only)
-    if cfg.kind == "ssim":
-        if size < cfg.win_size:
-            raise ValueError(
-                f"losses.{name}: ssim with win_size {cfg.win_size} needs "
-                f"data.image_size >= {cfg.win_size}, got {size}; "
-                f"lower losses.{name}.win_size"
-            )
-        return _ssim_loss(cfg.win_size, cfg.masked_only, multiscale=False)
-    if cfg.kind == "ms_ssim":
-        minimum = (cfg.win_size - 1) * 2**4  # four halvings, the window must fit the last scale
-        if size <= minimum:
-            smallest = (3 - 1) * 2**4
-            raise ValueError(
-                f"losses.{name}: ms_ssim with win_size {cfg.win_size} needs data.image_size > "
-                f"{minimum}, got {size}; lower losses.{name}.win_size (3 needs > {smallest}) "
-                "or use kind: ssim"
-            )
-        return _ssim_loss(cfg.win_size, cfg.masked_only, multiscale=True)
-    if cfg.kind == "cross_entropy":
-        return _cross_entropy
-    raise ValueError(
-        f"losses.{name}.kind: unknown loss {cfg.kind!r}; "
-        "expected l1, mse, ssim, ms_ssim or cross_entropy"
-    )
+
+def build_ssim_loss(name: str, cfg: Any, recipe: Any) -> LossFn:
+    """1 - SSIM / MS-SSIM of the reconstruction (an SsimLossConfig); the recipe has checked
+    that the window fits the images."""
+    return _ssim_loss(cfg.win_size, cfg.masked_only, multiscale=cfg.kind == "ms_ssim")
+
+
+def build_cross_entropy(name: str, cfg: Any, recipe: Any) -> LossFn:
+    """Cross-entropy of the classification head against the data's labels."""
+    return _cross_entropy
 
 
 def log_scaled(fn: LossFn) -> LossFn:
@@ -167,6 +149,18 @@ def _ssim_loss(win_size: int, masked_only: bool, multiscale: bool) -> LossFn:
 
 def _cross_entropy(output: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
     return F.cross_entropy(output["logits"].float(), target["label"])
+
+
+def reconstruction_images(
+    output: dict[str, Tensor], target: dict[str, Tensor], count: int
+) -> dict[str, Tensor]:
+    """The first ``count`` validation images: input, what the encoder saw, the reconstruction."""
+    image, mask = target["image"][:count], target["mask"][:count]
+    return {
+        "input": image,
+        "masked": image * (1 - mask) + 0.5 * mask,
+        "reconstruction": output["recon"][:count].float().clamp(0, 1),
+    }
 
 
 def eval_metrics(output: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:

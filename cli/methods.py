@@ -19,12 +19,16 @@ import torch
 from torch import nn
 
 from gcond import GradientConductor, WeightingResolver, autocast, call_model, frozen_batchnorm
-from gcond_cli.losses import InitialScale, log_scaled
-from gcond_cli.recipe import SCALED_SUMS
+
+from .components import builtins, lookup, names
+from .losses import InitialScale, log_scaled
+from .recipe import SCALED_SUMS
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-TORCHJD_METHODS = ("pcgrad", "upgrad", "mgda", "cagrad")
-METHODS = ("conductor", "conductor-stochastic", "sum", *SCALED_SUMS, *TORCHJD_METHODS)
+METHODS = names("method")  # registered in recipe.py, one table entry each
+TORCHJD_METHODS = tuple(
+    name for name, entry in builtins("method").items() if entry.build.endswith(":build_torchjd")
+)
 CAGRAD_C = 0.4  # the CAGrad paper's multi-task setting
 
 
@@ -88,33 +92,75 @@ def _build_method(
     autocast_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None,
 ) -> Method:
-    name = cfg.method
-    if name in ("sum", *SCALED_SUMS):
-        return SumMethod(
-            model,
-            loss_fns,
-            lambdas,
-            cfg.accumulation_steps,
-            freeze_bn=cfg.freeze_bn,
-            autocast_dtype=autocast_dtype,
-            scaler=scaler,
-        )
-    if name in ("conductor", "conductor-stochastic", *TORCHJD_METHODS):
-        # TorchJD methods share the conductor's accumulation, momentum and write-back; their
-        # weighting of the Gram matrix is the resolver (the resolution settings are then unused).
-        resolver = None
-        if name in TORCHJD_METHODS:
-            resolver = TorchJDResolver(torchjd_aggregator(name), norm_cap=cfg.norm_cap)
-        return GradientConductor(
-            model,
-            loss_fns,
-            lambdas,
-            config=cfg.library_config(),
-            autocast_dtype=autocast_dtype,
-            scaler=scaler,
-            resolver=resolver,
-        )
-    raise ValueError(f"conductor.method: unknown method {name!r}; expected one of {METHODS}")
+    """The registered builder of ``cfg.method`` (see the method table in ``recipe.py``)."""
+    build = lookup("method", cfg.method).builder()
+    return build(cfg, model, loss_fns, lambdas, autocast_dtype=autocast_dtype, scaler=scaler)
+
+
+def build_sum(
+    cfg: Any,
+    model: nn.Module,
+    loss_fns: Mapping[str, LossFn],
+    lambdas: Mapping[str, float],
+    *,
+    autocast_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+) -> Method:
+    """Plain accumulation (``sum``, and the scaled sums, whose losses come rescaled)."""
+    return SumMethod(
+        model,
+        loss_fns,
+        lambdas,
+        cfg.accumulation_steps,
+        freeze_bn=cfg.freeze_bn,
+        autocast_dtype=autocast_dtype,
+        scaler=scaler,
+    )
+
+
+def build_conductor(
+    cfg: Any,
+    model: nn.Module,
+    loss_fns: Mapping[str, LossFn],
+    lambdas: Mapping[str, float],
+    *,
+    autocast_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+    resolver: Any = None,
+) -> Method:
+    """The conductor with every setting of the recipe's ``conductor`` section."""
+    return GradientConductor(
+        model,
+        loss_fns,
+        lambdas,
+        config=cfg.library_config(),
+        autocast_dtype=autocast_dtype,
+        scaler=scaler,
+        resolver=resolver,
+    )
+
+
+def build_torchjd(
+    cfg: Any,
+    model: nn.Module,
+    loss_fns: Mapping[str, LossFn],
+    lambdas: Mapping[str, float],
+    *,
+    autocast_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+) -> Method:
+    """A TorchJD aggregator as the conductor's resolver: it shares the conductor's accumulation,
+    momentum and write-back (the resolution settings are then unused)."""
+    resolver = TorchJDResolver(torchjd_aggregator(cfg.method), norm_cap=cfg.norm_cap)
+    return build_conductor(
+        cfg,
+        model,
+        loss_fns,
+        lambdas,
+        autocast_dtype=autocast_dtype,
+        scaler=scaler,
+        resolver=resolver,
+    )
 
 
 def per_loss_backward_mode(method: Any) -> str | None:

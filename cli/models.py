@@ -36,31 +36,33 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_model(cfg: Any, data_cfg: Any) -> nn.Module:
-    """The model named by `cfg.name` (a ModelConfig), sized for `data_cfg` (a DataConfig)."""
-    if cfg.name == "mae_vit":
-        return MaskedAutoencoderViT(
-            image_size=data_cfg.image_size,
-            patch_size=cfg.patch_size,
-            mask_ratio=data_cfg.mask.ratio,
-            mask_patch_size=data_cfg.mask.patch_size,
-            dim=cfg.dim,
-            depth=cfg.depth,
-            heads=cfg.heads,
-            mlp_ratio=cfg.mlp_ratio,
-            decoder_dim=cfg.decoder_dim,
-            decoder_depth=cfg.decoder_depth,
-            decoder_heads=cfg.decoder_heads,
-            num_classes=cfg.num_classes,
-        )
-    if cfg.name == "masked_conv":
-        return MaskedConvAutoencoder(
-            backbone=cfg.backbone,
-            image_size=data_cfg.image_size,
-            decoder_dim=cfg.decoder_dim,
-            num_classes=cfg.num_classes,
-        )
-    raise ValueError(f"model.name: unknown model {cfg.name!r}; expected mae_vit or masked_conv")
+def build_mae_vit(cfg: Any, recipe: Any) -> nn.Module:
+    """The `mae_vit` model of a recipe (its MaeVitConfig), sized for the recipe's images."""
+    data = recipe.data
+    return MaskedAutoencoderViT(
+        image_size=data.image_size,
+        patch_size=cfg.patch_size,
+        mask_ratio=data.mask.ratio,
+        mask_patch_size=data.mask.patch_size,
+        dim=cfg.dim,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        decoder_dim=cfg.decoder_dim,
+        decoder_depth=cfg.decoder_depth,
+        decoder_heads=cfg.decoder_heads,
+        num_classes=cfg.num_classes,
+    )
+
+
+def build_masked_conv(cfg: Any, recipe: Any) -> nn.Module:
+    """The `masked_conv` model of a recipe (its MaskedConvConfig)."""
+    return MaskedConvAutoencoder(
+        backbone=cfg.backbone,
+        image_size=recipe.data.image_size,
+        decoder_dim=cfg.decoder_dim,
+        num_classes=cfg.num_classes,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

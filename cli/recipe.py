@@ -17,15 +17,26 @@ import difflib
 import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NamedTuple,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     ValidationError,
     create_model,
     field_validator,
@@ -36,6 +47,7 @@ from typing_extensions import Self
 
 from gcond._config import ConductorConfig as LibraryConductorConfig
 
+from .components import CHOICE_KEY, builtin, builtins, names, register
 from .errors import GcondError
 
 MAX_SIZE = 1_000_000  # sizes, widths, depths, batch sizes: anything larger is a typo
@@ -43,6 +55,9 @@ MAX_COUNT = 1_000_000_000  # steps, sample counts, intervals
 RESERVED_LOSS_NAMES = ("total",)  # `loss/total` is the weighted sum in the conductor's stats
 # The scale-only baselines: plain accumulation (`sum`) of the losses rescaled by `loss_scale`.
 SCALED_SUMS = {"sum-log": "log", "sum-normalized": "initial"}
+IMAGE_DATASETS = ("embedded", "cifar10", "stl10", "imagefolder", "synthetic")
+# A reference to the user's code: "package.module:attr.path" or "path/file.py:attr.path".
+TARGET_PATTERN = r"[^:\s][^:]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
 
 Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
 Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
@@ -86,6 +101,20 @@ def _loss_name(name: str) -> str:
         raise _invalid("a loss name of letters, digits and '_' only")
     if name in RESERVED_LOSS_NAMES:
         raise _invalid(f"a loss name other than '{name}' (reserved for the weighted sum)")
+    return name
+
+
+def _target(target: str) -> str:
+    if not re.fullmatch(TARGET_PATTERN, target, flags=re.ASCII):
+        raise _invalid(
+            "'package.module:function' or 'file.py:function' (a file relative to the recipe)"
+        )
+    return target
+
+
+def _identifier(name: str) -> str:
+    if not name.isidentifier():
+        raise _invalid("a keyword argument name (letters, digits and '_')")
     return name
 
 
@@ -154,10 +183,27 @@ class LabConfig(_Section):
     noise: NonNegative = 0.1  # training-target noise, in units of the target's std
 
 
-class DataConfig(_Section):
-    dataset: Literal["embedded", "cifar10", "stl10", "imagefolder", "synthetic", "conflict_lab"] = (
-        "embedded"
-    )
+class TargetConfig(_Section):
+    """Your own code: ``target`` is ``"package.module:function"`` (an importable module) or
+    ``"file.py:function"`` (a file, relative to the recipe file), called with ``args`` as
+    keyword arguments. It is imported only from a root given with ``--plugin`` (or a package
+    that declares a ``gcond.plugins`` entry point); see ``plugins.py`` for the contracts."""
+
+    target: Annotated[str, AfterValidator(_target)]
+    args: dict[Annotated[str, AfterValidator(_identifier)], Any] = Field(default_factory=dict)
+
+
+class TargetLoss(TargetConfig):
+    """Your own loss: ``fn(output, target, **args) -> scalar tensor``, with its lambda."""
+
+    weight: NonNegative  # the loss's lambda
+
+
+@builtin("data", *IMAGE_DATASETS, build="data:build_image_data")
+class ImageDataConfig(_Section):
+    """Images on the device with random resized crops, flips, jitter and a patch mask."""
+
+    dataset: Literal[IMAGE_DATASETS] = "embedded"  # type: ignore[valid-type]
     root: str | None = None  # cifar10 / stl10 / imagefolder directory
     download: bool = False
     skip_bad_images: bool = False  # imagefolder: train without unreadable images (listed)
@@ -168,7 +214,6 @@ class DataConfig(_Section):
     labels: Literal["none", "class", "rotation"] = "none"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
-    lab: LabConfig = Field(default_factory=LabConfig)  # dataset conflict_lab
 
     def _issues(self) -> Iterator[_Issue]:
         if self.image_size % self.mask.patch_size:
@@ -180,10 +225,94 @@ class DataConfig(_Section):
         if self.dataset == "imagefolder" and not self.root:
             yield _Issue(("root",), self.root, "the image folder's path (dataset: imagefolder)")
 
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        yield from _label_issues(recipe, self)
 
-class ModelConfig(_Section):
-    name: Literal["mae_vit", "masked_conv", "lab_mlp"]  # lab_mlp: the conflict lab's (dim, depth)
-    # mae_vit
+    def metrics(self, recipe: "Recipe") -> dict[str, str]:
+        """Reconstruction metrics, and the accuracy of a classification head."""
+        metrics = {"l1": "min", "mse": "min", "ssim": "max", "psnr": "max"}
+        if self.labels != "none" and getattr(recipe.model, "num_classes", 0):
+            metrics["accuracy"] = "max"
+        return metrics
+
+
+@builtin("data", "conflict_lab", build="lab:build_lab_data")
+class LabDataConfig(_Section):
+    """The conflict lab: synthetic tasks on a shared input, direction and scale as dials."""
+
+    dataset: Literal["conflict_lab"]
+    micro_batch_size: Size = 16
+    val_samples: Count = 256  # size of the fixed validation set
+    lab: LabConfig = Field(default_factory=LabConfig)
+
+    def metrics(self, recipe: "Recipe") -> dict[str, str]:
+        """Each task's relative error (`err_<task>`) and their mean."""
+        return {**{f"err_{name}": "min" for name in recipe.losses}, "mean_err": "min"}
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        """The conflict lab goes with its model and its losses."""
+        if not isinstance(recipe.model, LabModelConfig):
+            yield _Issue(
+                ("model",), _choice_of(recipe.model), "lab_mlp with data.dataset conflict_lab"
+            )
+        for name, loss in recipe.losses.items():
+            if not isinstance(loss, TaskLossConfig):
+                yield _Issue(
+                    ("losses", name),
+                    _choice_of(loss),
+                    "kind task_mse with data.dataset conflict_lab (one loss per task)",
+                )
+
+
+def _label_issues(recipe: "Recipe", data: "ImageDataConfig") -> Iterator[_Issue]:
+    """Labels, the classification head and a cross_entropy loss go together."""
+    labels = data.labels
+    ce_losses = [
+        name for name, loss in recipe.losses.items() if isinstance(loss, CrossEntropyConfig)
+    ]
+    if labels == "none":
+        if ce_losses:
+            yield _Issue(
+                ("data", "labels"),
+                labels,
+                f"'class' or 'rotation': loss '{ce_losses[0]}' is cross_entropy",
+            )
+        return
+    classes = getattr(recipe.model, "num_classes", None)
+    if classes is None:  # the user's model: its outputs are its own business
+        return
+    if labels == "rotation" and classes != 4:  # 0, 90, 180, 270 degrees
+        yield _Issue(("model", "num_classes"), classes, "4 for data.labels 'rotation'")
+    if labels == "class" and classes == 0:
+        yield _Issue(("model", "num_classes"), classes, "the number of dataset classes")
+    if not ce_losses:
+        yield _Issue(
+            ("losses",),
+            sorted(recipe.losses),
+            f"a cross_entropy loss to train on data.labels '{labels}'",
+        )
+
+
+class _ImageModel(_Section):
+    """Models of the image data sets: `(images, patch_mask)` in, `{"recon", "logits"}` out."""
+
+    num_classes: int = Field(0, ge=0, le=MAX_SIZE)  # > 0 adds a classification head ("logits")
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        if not isinstance(recipe.data, ImageDataConfig):
+            yield _Issue(
+                ("model", "name"),
+                getattr(self, "name", None),
+                f"a model for data.dataset {_choice_of(recipe.data)} (this one needs one of the "
+                f"image data sets: {', '.join(IMAGE_DATASETS)})",
+            )
+
+
+@builtin("model", "mae_vit", build="models:build_mae_vit")
+class MaeVitConfig(_ImageModel):
+    """A ViT masked autoencoder; reconstruction, and classification with num_classes > 0."""
+
+    name: Literal["mae_vit"]
     patch_size: Size = 4
     dim: Size = 128
     depth: Size = 4
@@ -192,14 +321,8 @@ class ModelConfig(_Section):
     decoder_dim: Size = 64
     decoder_depth: Size = 2
     decoder_heads: Size = 4
-    # masked_conv: a torchvision classification model with a `features` trunk
-    backbone: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+$")] = "mobilenet_v3_small"
-    # both: > 0 adds a classification head (output "logits")
-    num_classes: int = Field(0, ge=0, le=MAX_SIZE)
 
     def _issues(self) -> Iterator[_Issue]:
-        if self.name != "mae_vit":
-            return
         for width, heads in (("dim", "heads"), ("decoder_dim", "decoder_heads")):
             n_heads = getattr(self, heads)
             if getattr(self, width) % n_heads:
@@ -207,13 +330,72 @@ class ModelConfig(_Section):
                     (width,), getattr(self, width), f"a multiple of model.{heads} ({n_heads})"
                 )
 
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        yield from super().recipe_issues(recipe)
+        if isinstance(recipe.data, ImageDataConfig):
+            patch = recipe.data.mask.patch_size
+            if self.patch_size != patch:
+                yield _Issue(
+                    ("model", "patch_size"),
+                    self.patch_size,
+                    f"data.mask.patch_size ({patch}): the mask hides whole mae_vit patches",
+                )
 
-class LossConfig(_Section):
-    # task_mse: the conflict lab's task of the loss's name
-    kind: Literal["l1", "mse", "ssim", "ms_ssim", "cross_entropy", "task_mse"]
+
+@builtin("model", "masked_conv", build="models:build_masked_conv")
+class MaskedConvConfig(_ImageModel):
+    """A torchvision convolutional trunk (`features`) with a light upsampling decoder."""
+
+    name: Literal["masked_conv"]
+    backbone: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+$")] = "mobilenet_v3_small"
+    decoder_dim: Size = 64
+
+
+@builtin("model", "lab_mlp", build="lab:build_lab_mlp")
+class LabModelConfig(_Section):
+    """The conflict lab's model: a shared MLP trunk and one linear head per task."""
+
+    name: Literal["lab_mlp"]
+    dim: Size = 128  # trunk width
+    depth: Size = 4  # trunk hidden layers
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        if not isinstance(recipe.data, LabDataConfig):
+            yield _Issue(
+                ("model", "name"),
+                "lab_mlp",
+                "a model other than lab_mlp (it is for data.dataset conflict_lab)",
+            )
+
+
+class _ImageLoss(_Section):
     weight: NonNegative  # the loss's lambda
-    masked_only: bool = False  # reconstruction losses: only the masked region counts
-    win_size: int = Field(11, ge=3, le=MAX_SIZE)  # ssim / ms_ssim window
+
+    def recipe_issues(self, recipe: "Recipe", name: str) -> Iterator[_Issue]:
+        if not isinstance(recipe.data, ImageDataConfig):
+            yield _Issue(
+                ("losses", name, "kind"),
+                getattr(self, "kind", None),
+                "a loss for data.dataset "
+                f"{_choice_of(recipe.data)} (image losses need an image data set)",
+            )
+
+
+@builtin("loss", "l1", "mse", build="losses:build_pixel_loss")
+class PixelLossConfig(_ImageLoss):
+    """Mean absolute (l1) or squared (mse) error of the reconstruction."""
+
+    kind: Literal["l1", "mse"]
+    masked_only: bool = False  # only the masked region counts
+
+
+@builtin("loss", "ssim", "ms_ssim", build="losses:build_ssim_loss")
+class SsimLossConfig(_ImageLoss):
+    """1 - SSIM (or multi-scale SSIM) of the reconstruction."""
+
+    kind: Literal["ssim", "ms_ssim"]
+    masked_only: bool = False  # only the masked region counts
+    win_size: int = Field(11, ge=3, le=MAX_SIZE)  # Gaussian window
 
     @field_validator("win_size")
     @classmethod
@@ -222,9 +404,108 @@ class LossConfig(_Section):
             raise _invalid("an odd window size")
         return value
 
-    def _issues(self) -> Iterator[_Issue]:
-        if self.kind == "cross_entropy" and self.masked_only:
-            yield _Issue(("masked_only",), True, "false for a cross_entropy loss")
+    def recipe_issues(self, recipe: "Recipe", name: str) -> Iterator[_Issue]:
+        yield from super().recipe_issues(recipe, name)
+        if not isinstance(recipe.data, ImageDataConfig):
+            return
+        size = recipe.data.image_size
+        if self.kind == "ssim" and self.win_size > size:
+            yield _Issue(
+                ("losses", name, "win_size"),
+                self.win_size,
+                f"a window no larger than data.image_size ({size})",
+            )
+        if self.kind == "ms_ssim" and size <= (self.win_size - 1) * 16:
+            yield _Issue(
+                ("losses", name, "win_size"),
+                self.win_size,
+                f"(win_size - 1) * 16 < data.image_size ({size}) for ms_ssim's 5 scales; "
+                "use a smaller window, larger images or kind 'ssim'",
+            )
+
+
+@builtin("loss", "cross_entropy", build="losses:build_cross_entropy")
+class CrossEntropyConfig(_ImageLoss):
+    """Cross-entropy of the classification head (data.labels class or rotation)."""
+
+    kind: Literal["cross_entropy"]
+
+
+@builtin("loss", "task_mse", build="lab:build_task_mse")
+class TaskLossConfig(_Section):
+    """The conflict lab's error on the task of the loss's name."""
+
+    kind: Literal["task_mse"]
+    weight: NonNegative  # the loss's lambda
+
+    def recipe_issues(self, recipe: "Recipe", name: str) -> Iterator[_Issue]:
+        if not isinstance(recipe.data, LabDataConfig):
+            yield _Issue(
+                ("losses", name, "kind"),
+                "task_mse",
+                "an image loss (task_mse is for data.dataset conflict_lab)",
+            )
+
+
+def _choice_of(section: Any) -> str | None:
+    """What a component section is, in the recipe's words: its built-in name or its target."""
+    if isinstance(section, TargetConfig):
+        return f"target {section.target}"
+    for key in ("name", "dataset", "kind"):
+        if hasattr(section, key):
+            return getattr(section, key)
+    return None
+
+
+def _section_union(kind: str, target: type, default: str | None = None) -> Any:
+    """The recipe type of a component: one of the registered built-ins' sections (chosen by
+    their name key) or a `target:` reference to the user's code."""
+    key = CHOICE_KEY[kind]
+    sections: dict[str, type] = {}
+    for entry in builtins(kind).values():
+        sections.setdefault(entry.section.__name__, entry.section)
+    tag_of = {name: entry.section.__name__ for name, entry in builtins(kind).items()}
+
+    def choose(value: Any) -> str | None:
+        if isinstance(value, BaseModel):
+            return type(value).__name__
+        if not isinstance(value, dict):
+            return None
+        if "target" in value:
+            return target.__name__
+        return tag_of.get(value.get(key, default))
+
+    members = [Annotated[s, Tag(tag)] for tag, s in sections.items()]
+    members.append(Annotated[target, Tag(target.__name__)])
+    return Annotated[
+        Union[tuple(members)],  # noqa: UP007 (a Union built at run time)
+        Discriminator(
+            choose,
+            custom_error_type="recipe_choice",
+            custom_error_message="no such component",
+            custom_error_context={"kind": kind, "key": key},
+        ),
+    ]
+
+
+DataSection = _section_union("data", TargetConfig, default="embedded")
+ModelSection = _section_union("model", TargetConfig)
+LossSection = _section_union("loss", TargetLoss)
+
+
+# The methods, one entry each: name, builder (in methods.py), what it is.
+for _name, _build, _summary in (
+    ("conductor", "build_conductor", "GradientConductor: conflicts resolved by zone or smoothly"),
+    ("conductor-stochastic", "build_conductor", "the conductor, one loss per micro-batch"),
+    ("sum", "build_sum", "plain accumulation of the weighted losses"),
+    ("sum-log", "build_sum", "sum with loss_scale log (the scale-invariant baseline)"),
+    ("sum-normalized", "build_sum", "sum with loss_scale initial"),
+    ("pcgrad", "build_torchjd", "TorchJD's PCGrad (pip install 'gcond[torchjd]')"),
+    ("upgrad", "build_torchjd", "TorchJD's UPGrad (pip install 'gcond[torchjd]')"),
+    ("mgda", "build_torchjd", "TorchJD's MGDA (pip install 'gcond[torchjd]')"),
+    ("cagrad", "build_torchjd", "TorchJD's CAGrad (pip install 'gcond[torchjd,cagrad]')"),
+):
+    register("method", _name, f"methods:{_build}", summary=_summary)
 
 
 class _ConductorSection(_Section):
@@ -232,19 +513,7 @@ class _ConductorSection(_Section):
     defaults (see `_conductor_fields`); the library checks the values, so a rule is written once.
     """
 
-    # sum: plain accumulation; sum-log / sum-normalized: sum with loss_scale log / initial;
-    # pcgrad, upgrad, mgda, cagrad: TorchJD (pip install 'gcond[torchjd]')
-    method: Literal[
-        "conductor",
-        "conductor-stochastic",
-        "sum",
-        "sum-log",
-        "sum-normalized",
-        "pcgrad",
-        "upgrad",
-        "mgda",
-        "cagrad",
-    ] = "conductor"
+    method: Literal[names("method")] = "conductor"  # type: ignore[valid-type]
 
     def _library_values(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in LibraryConductorConfig.__dataclass_fields__}
@@ -317,8 +586,16 @@ class ScheduleConfig(_Section):
 
 class EvalConfig(_Section):
     every: Count = 50  # optimizer steps between evaluations (and one at the end)
-    batch_size: Size = 64
+    batch_size: Size = 64  # built-in data sets: validation batch size
     num_images: int = Field(8, ge=0, le=MAX_SIZE)  # images in the TensorBoard grids
+    # Your own evaluation, `evaluate(model, batches, **args) -> {name: float}` (see plugins.py);
+    # without one, a run on your own data reports every loss on the validation batches.
+    target: Annotated[str, AfterValidator(_target)] | None = None
+    args: dict[Annotated[str, AfterValidator(_identifier)], Any] = Field(default_factory=dict)
+    # Your metrics that are better higher (e.g. [accuracy]); the others are better lower.
+    higher_is_better: list[Annotated[str, AfterValidator(_identifier)]] = Field(
+        default_factory=list
+    )
 
 
 class LogConfig(_Section):
@@ -330,15 +607,10 @@ class LogConfig(_Section):
 class CheckpointConfig(_Section):
     every: Count = 100  # steps between "latest" checkpoints (also at the end and on stop)
     keep_best: bool = True
-    best_metric: Literal[
-        "eval/l1", "eval/mse", "eval/ssim", "eval/psnr", "eval/accuracy", "eval/mean_err"
-    ] = "eval/ssim"
+    # Any metric the evaluation reports (built-in data sets: checked now; your own evaluation:
+    # at the first evaluation).
+    best_metric: Annotated[str, StringConstraints(pattern=r"^eval/\w+$")] = "eval/ssim"
     best_mode: Literal["max", "min"] = "max"
-
-    def _issues(self) -> Iterator[_Issue]:
-        mode = "min" if self.best_metric in ("eval/l1", "eval/mse", "eval/mean_err") else "max"
-        if self.best_mode != mode:
-            yield _Issue(("best_mode",), self.best_mode, f"'{mode}' for {self.best_metric}")
 
 
 class Recipe(_Section):
@@ -346,9 +618,9 @@ class Recipe(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Annotated[str, AfterValidator(_device)] = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig
-    losses: dict[Annotated[str, AfterValidator(_loss_name)], LossConfig]
+    data: DataSection = Field(default_factory=lambda: ImageDataConfig())
+    model: ModelSection
+    losses: dict[Annotated[str, AfterValidator(_loss_name)], LossSection]
     # Every method trains on the losses rescaled: none (as they are), log (Σ λ_k log L_k) or
     # initial (Σ λ_k L_k / L_k⁽⁰⁾, L_k⁽⁰⁾ = the mean over the first optimizer step).
     loss_scale: Literal["none", "log", "initial"] = "none"
@@ -371,17 +643,23 @@ class Recipe(_Section):
 
     @field_validator("losses")
     @classmethod
-    def _some_loss(cls, value: dict[str, LossConfig]) -> dict[str, LossConfig]:
+    def _some_loss(cls, value: dict[str, Any]) -> dict[str, Any]:
         if not value:
             raise _invalid("at least one loss, e.g. {l1: {kind: l1, weight: 1.0}}")
         return value
 
     def _issues(self) -> Iterator[_Issue]:
-        yield from self._model_issues()
-        yield from self._label_issues()
-        yield from self._loss_issues()
+        # Each component's rules that involve the rest of the recipe live on its section.
+        for section in (self.data, self.model):
+            if hasattr(section, "recipe_issues"):
+                yield from section.recipe_issues(self)
+        for name, loss in self.losses.items():
+            if hasattr(loss, "recipe_issues"):
+                yield from loss.recipe_issues(self, name)
+        weights = {name: loss.weight for name, loss in self.losses.items()}
+        if not any(weights.values()):
+            yield _Issue(("losses",), weights, "at least one loss with weight > 0")
         yield from self._accumulation_issues()
-        yield from self._lab_issues()
         method = self.conductor.method
         if method in SCALED_SUMS and self.loss_scale not in ("none", SCALED_SUMS[method]):
             yield _Issue(
@@ -391,91 +669,38 @@ class Recipe(_Section):
                 f"sum with loss_scale {SCALED_SUMS[method]}); for sum with loss_scale "
                 f"{self.loss_scale}, use conductor.method: sum",
             )
+        yield from self._metric_issues()
+        if self.eval.args and self.eval.target is None:
+            yield _Issue(("eval", "args"), self.eval.args, "no args without eval.target")
 
-    def _lab_issues(self) -> Iterator[_Issue]:
-        """The conflict lab goes with its model, its losses and its metric, and only with them."""
-        lab = self.data.dataset == "conflict_lab"
-        if lab != (self.model.name == "lab_mlp"):
-            yield _Issue(
-                ("model", "name"),
-                self.model.name,
-                "lab_mlp with data.dataset conflict_lab"
-                if lab
-                else "mae_vit or masked_conv (lab_mlp is for data.dataset conflict_lab)",
-            )
-        for name, loss in self.losses.items():
-            if lab != (loss.kind == "task_mse"):
-                yield _Issue(
-                    ("losses", name, "kind"),
-                    loss.kind,
-                    "task_mse with data.dataset conflict_lab (one loss per task)"
-                    if lab
-                    else "an image loss (task_mse is for data.dataset conflict_lab)",
-                )
-        if lab and self.checkpoint.best_metric != "eval/mean_err":
+    def metrics(self) -> dict[str, str] | None:
+        """The evaluation's metrics and whether each is better high ("max") or low ("min");
+        None when the user's own evaluation decides them (known at its first call)."""
+        if self.eval.target is not None:
+            return None
+        if isinstance(self.data, TargetConfig):
+            return {f"eval/{name}": "min" for name in self.losses}
+        return {f"eval/{name}": mode for name, mode in self.data.metrics(self).items()}
+
+    def _metric_issues(self) -> Iterator[_Issue]:
+        metrics, cfg = self.metrics(), self.checkpoint
+        if metrics is None or not cfg.keep_best:
+            return
+        if cfg.best_metric not in metrics:
+            close = difflib.get_close_matches(cfg.best_metric, list(metrics), n=1, cutoff=0.6)
             yield _Issue(
                 ("checkpoint", "best_metric"),
-                self.checkpoint.best_metric,
-                "eval/mean_err (best_mode: min) for data.dataset conflict_lab",
+                cfg.best_metric,
+                "a metric this run's evaluation reports: "
+                + ", ".join(metrics)
+                + (f"; did you mean '{close[0]}'?" if close else ""),
             )
-
-    def _model_issues(self) -> Iterator[_Issue]:
-        patch = self.data.mask.patch_size
-        if self.model.name == "mae_vit" and self.model.patch_size != patch:
+        elif cfg.best_mode != metrics[cfg.best_metric]:
             yield _Issue(
-                ("model", "patch_size"),
-                self.model.patch_size,
-                f"data.mask.patch_size ({patch}): the mask hides whole mae_vit patches",
+                ("checkpoint", "best_mode"),
+                cfg.best_mode,
+                f"'{metrics[cfg.best_metric]}' for {cfg.best_metric}",
             )
-
-    def _label_issues(self) -> Iterator[_Issue]:
-        labels = self.data.labels
-        ce_losses = [name for name, loss in self.losses.items() if loss.kind == "cross_entropy"]
-        if labels == "none":
-            if ce_losses:
-                yield _Issue(
-                    ("data", "labels"),
-                    labels,
-                    f"'class' or 'rotation': loss '{ce_losses[0]}' is cross_entropy",
-                )
-            if self.checkpoint.best_metric == "eval/accuracy":
-                yield _Issue(
-                    ("checkpoint", "best_metric"),
-                    "eval/accuracy",
-                    "a reconstruction metric: data.labels is 'none', so there is no accuracy",
-                )
-            return
-        classes = self.model.num_classes
-        if labels == "rotation" and classes != 4:  # 0, 90, 180, 270 degrees
-            yield _Issue(("model", "num_classes"), classes, "4 for data.labels 'rotation'")
-        if labels == "class" and classes == 0:
-            yield _Issue(("model", "num_classes"), classes, "the number of dataset classes")
-        if not ce_losses:
-            yield _Issue(
-                ("losses",),
-                sorted(self.losses),
-                f"a cross_entropy loss to train on data.labels '{labels}'",
-            )
-
-    def _loss_issues(self) -> Iterator[_Issue]:
-        weights = {name: loss.weight for name, loss in self.losses.items()}
-        if not any(weights.values()):
-            yield _Issue(("losses",), weights, "at least one loss with weight > 0")
-        size = self.data.image_size
-        for name, loss in self.losses.items():
-            if loss.kind == "ssim" and loss.win_size > size:
-                yield _Issue(
-                    ("losses", name, "win_size"),
-                    loss.win_size,
-                    f"a window no larger than data.image_size ({size})",
-                )
-            if loss.kind == "ms_ssim" and size <= (loss.win_size - 1) * 16:
-                yield _Issue(
-                    ("losses", name, "win_size"),
-                    loss.win_size,
-                    f"(win_size - 1) * 16 < data.image_size ({size}) for ms_ssim's 5 scales; "
-                    "use a smaller window, larger images or kind 'ssim'",
-                )
 
     def _accumulation_issues(self) -> Iterator[_Issue]:
         config = self.conductor.library_config()
@@ -545,10 +770,34 @@ def _dotted(path: Sequence[str | int]) -> str:
     return text or "recipe"
 
 
-def _annotation_at(path: Sequence[str | int]) -> Any:
-    """The type annotation of the recipe key at `path`, or None if there is no such key."""
+def _union_members(annotation: Any) -> dict[str, Any] | None:
+    """{tag: section} of a component's tagged union (see `_section_union`), else None."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) is not Union:
+        return None
+    members = {}
+    for member in get_args(annotation):
+        tags = [m.tag for m in getattr(member, "__metadata__", ()) if isinstance(m, Tag)]
+        if not tags:
+            return None
+        members[tags[0]] = get_args(member)[0]
+    return members
+
+
+def _walk(loc: Sequence[str | int]) -> tuple[tuple[str | int, ...], Any]:
+    """The recipe key path of a pydantic error location (the tags that say which component
+    section was chosen are dropped), and the annotation at its end (None if there is no key)."""
     node: Any = Recipe
-    for part in path:
+    path: list[str | int] = []
+    parts = list(loc)
+    while parts:
+        members = _union_members(node)
+        if members is not None:
+            node = members.get(str(parts.pop(0)))
+            continue
+        part = parts.pop(0)
+        path.append(part)
         if isinstance(node, type) and issubclass(node, BaseModel):
             field = node.model_fields.get(str(part))
             node = field.annotation if field else None
@@ -556,29 +805,64 @@ def _annotation_at(path: Sequence[str | int]) -> Any:
             node = get_args(node)[1]
         elif get_origin(node) is tuple and isinstance(part, int):
             node = get_args(node)[part]
+        elif get_origin(node) is Annotated:
+            parts.insert(0, path.pop())
+            node = get_args(node)[0]
         else:
-            return None
-    return node
+            node = None
+    return tuple(path), node
 
 
-def _unknown_key(path: tuple[str | int, ...]) -> str:
-    section = _annotation_at(path[:-1])
+def _unknown_key(loc: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], str]:
+    path, _ = _walk(loc)
+    _, section = _walk(loc[:-1])
     if not (isinstance(section, type) and issubclass(section, BaseModel)):
-        return "unknown key"
+        return path, "unknown key"
     valid = list(section.model_fields)
     close = difflib.get_close_matches(str(path[-1]), valid, n=1, cutoff=0.6)
     if close:
-        return f"unknown key; did you mean '{close[0]}'?"
-    return "unknown key; valid keys here: " + ", ".join(valid)
+        return path, f"unknown key; did you mean '{close[0]}'?"
+    owner = _choice_name(section)
+    here = f" of {owner}" if owner else " here"
+    return path, f"unknown key; valid keys{here}: " + ", ".join(valid)
 
 
-def _problem(error: Mapping[str, Any], path: tuple[str | int, ...]) -> tuple[tuple, str]:
-    """(path, problem text) for one pydantic error that is not an `_Issue` bundle."""
+def _choice_name(section: type) -> str | None:
+    """'mae_vit' for the mae_vit section: the built-in(s) a section configures, for messages."""
+    for kind in CHOICE_KEY:
+        found = [name for name, entry in builtins(kind).items() if entry.section is section]
+        if found:
+            return "/".join(found)
+    return "target" if section in (TargetConfig, TargetLoss) else None
+
+
+def _choice_problem(value: Any, ctx: Mapping[str, Any]) -> tuple[tuple[str, ...], str]:
+    """A component section that names no built-in (relative path, problem text)."""
+    kind, key = ctx["kind"], ctx["key"]
+    choices = list(names(kind))
+    quoted = ", ".join(f"'{choice}'" for choice in choices)
+    expected = f"one of {quoted}, or target: 'module:function' for your own code"
+    if not isinstance(value, dict):
+        return (), f"got {_show(value)}, expected a mapping with {key}: {expected}"
+    if key not in value:
+        return (key,), f"required key is missing; expected {expected}"
+    got = value[key]
+    text = f"got {_show(got)}, expected {expected}"
+    close = difflib.get_close_matches(str(got), choices, n=1, cutoff=0.5)
+    return (key,), text + (f"; did you mean '{close[0]}'?" if close else "")
+
+
+def _problem(error: Mapping[str, Any], loc: tuple[str | int, ...]) -> tuple[tuple, str]:
+    """(key path, problem text) for one pydantic error that is not an `_Issue` bundle."""
     kind, value, ctx = error["type"], error["input"], error.get("ctx", {})
     if kind == "extra_forbidden":
-        return path, _unknown_key(path)
+        return _unknown_key(loc)
+    path, _ = _walk(loc)
+    if kind == "recipe_choice":
+        relative, text = _choice_problem(value, ctx)
+        return path + relative, text
     if kind == "missing" and path and isinstance(path[-1], int):  # a tuple given too few items
-        items = len(get_args(_annotation_at(path[:-1])))
+        items = len(get_args(_walk(loc[:-1])[1]))
         return path[:-1], f"got {_show(value)}, expected a list of {items} items"
     if kind == "missing":
         return path, "required key is missing"
@@ -607,7 +891,7 @@ def validation_errors(
         loc = tuple(part for part in error["loc"] if part != "[key]")  # dict-key errors
         if error["type"] == "recipe_issues":
             problems = [
-                (loc + issue.path, f"got {_show(issue.value)}, expected {issue.expected}")
+                (_walk(loc)[0] + issue.path, f"got {_show(issue.value)}, expected {issue.expected}")
                 for issue in error["ctx"]["issues"]
             ]
         else:
@@ -690,8 +974,10 @@ def _apply_override(raw: dict, text: str) -> tuple[str, ...]:
 
 
 def recipes_dir() -> Path:
-    """The folder of bundled recipes (`recipes/` at the top of the repository)."""
-    return Path(__file__).resolve().parents[1] / "recipes"
+    """The folder of bundled recipes: inside the installed package, or `recipes/` at the top of
+    the repository for an editable install."""
+    installed = Path(__file__).resolve().parent / "recipes"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
 
 
 def bundled_recipes() -> list[tuple[str, str]]:
@@ -744,7 +1030,22 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     path = resolve_recipe_path(path)
     raw = _read_mapping(path)
     raw.setdefault("name", path.stem)
-    return recipe_from_dict(raw, overrides, source=path)
+    recipe = recipe_from_dict(raw, overrides, source=path)
+    _anchor_file_targets(recipe, path.parent)
+    return recipe
+
+
+def _anchor_file_targets(recipe: Recipe, recipe_dir: Path) -> None:
+    """Make the file targets (``"my_mtl.py:build"``, relative to the recipe file) absolute, so
+    that the recipe saved in a run directory still points at the same files."""
+    sections = [recipe.model, recipe.data, *recipe.losses.values(), recipe.eval]
+    for section in sections:
+        target = getattr(section, "target", None)
+        if target is None:
+            continue
+        where, _, attribute = target.rpartition(":")
+        if (where.endswith(".py") or "/" in where) and not Path(where).is_absolute():
+            section.target = f"{(recipe_dir / where).resolve()}:{attribute}"
 
 
 def recipe_from_dict(

@@ -14,7 +14,7 @@ import math
 import signal
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -24,9 +24,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from gcond import autocast, call_model
-from gcond_cli import distributed, lab
-from gcond_cli.checkpoint import (
+from gcond import autocast
+
+from . import distributed
+from .checkpoint import (
     CheckpointError,
     capture_rng_state,
     checkpoint_paths,
@@ -34,22 +35,25 @@ from gcond_cli.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from gcond_cli.data import DeviceDataProvider, ImageSet, build_datasets, build_val_batches
-from gcond_cli.logger import RunLogger
-from gcond_cli.losses import build_loss, eval_metrics
-from gcond_cli.methods import build_method, effective_loss_scale, per_loss_backward_mode
-from gcond_cli.models import build_model
-from gcond_cli.recipe import Recipe, RecipeError, dump_recipe_yaml, load_recipe, recipe_to_dict
-
-from .errors import GcondError
+from .data import ImageSet
+from .errors import GcondError, UsageError
+from .logger import RunLogger
+from .methods import build_method, effective_loss_scale, per_loss_backward_mode
+from .plugins import (
+    ComponentError,
+    PluginRoots,
+    require_roots,
+    resolve_references,
+    save_plugin_roots,
+    saved_plugin_roots,
+)
+from .recipe import Recipe, RecipeError, dump_recipe_yaml, load_recipe, recipe_to_dict
+from .run import build_parts
+from .tasks import batch_size
 
 RECIPE_FILE = "recipe.yaml"
 BAD_IMAGES_FILE = "bad_images.txt"  # the images data.skip_bad_images left out
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(GcondError):
-    """A problem with the user's request (exit code 2), not with training."""
 
 
 class TrainingStopped(Exception):
@@ -127,8 +131,10 @@ class Trainer:
         *,
         console: bool = True,
         datasets: tuple[ImageSet, ImageSet] | None = None,
+        targets: Mapping[str, Callable[..., Any]] | None = None,
     ) -> None:
-        """``datasets``: the train and validation sets, when the caller has loaded them."""
+        """``datasets``: the train and validation sets, when the caller has loaded them;
+        ``targets``: the user's components by recipe key (``plugins.resolve_references``)."""
         self.recipe = recipe
         self.run_dir = run_dir
         self.dist = distributed.context()
@@ -148,17 +154,23 @@ class Trainer:
         torch.manual_seed(recipe.seed)
 
         is_main = self.dist.rank == 0
-        self.skipped_images: list[str] = []
-        if recipe.data.dataset == "conflict_lab":
-            self._build_lab()
-        else:
-            self._build_images(datasets, console and is_main)
+        self.parts = build_parts(
+            recipe,
+            self.device,
+            targets=targets,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            datasets=datasets,
+            console=Console(stderr=True) if console and is_main else None,
+        )
+        self.model, self.provider = self.parts.model, self.parts.provider
+        self.skipped_images = self.parts.skipped_images
         self.wrapped = distributed.wrap(self.model, self.dist)
         lambdas = {n: c.weight for n, c in recipe.losses.items()}
         self.method = build_method(
             recipe.conductor,
             self.wrapped,
-            self.loss_fns,
+            self.parts.loss_fns,
             lambdas,
             autocast_dtype=autocast_dtype,
             scaler=self.scaler if needs_scaler else None,
@@ -173,10 +185,8 @@ class Trainer:
         self.consecutive_skipped = 0
         self.best: float | None = None
         self.elapsed = 0.0  # training seconds across resumes
-        self.samples_per_step = (
-            recipe.data.micro_batch_size * recipe.conductor.accumulation_steps
-            * self.dist.world_size
-        )  # fmt: skip
+        self.step_samples = 0  # samples in this step's micro-batches, on this rank
+        self.evaluating = False  # a failure in the evaluation is reported as such
         self.logger = RunLogger(
             run_dir if is_main else None,
             recipe_to_dict(recipe),
@@ -185,47 +195,6 @@ class Trainer:
             tensorboard=recipe.log.tensorboard,
         )
         self.stop_signal: int | None = None
-
-    def _build_images(self, datasets: tuple[ImageSet, ImageSet] | None, console: bool) -> None:
-        """Data, model and losses of the image recipes (reconstruction, classification)."""
-        recipe = self.recipe
-        train_set, val_set = datasets or build_datasets(
-            recipe.data, recipe.seed, console=Console(stderr=True) if console else None
-        )
-        self.skipped_images = train_set.skipped
-        self.provider = DeviceDataProvider(
-            train_set,
-            recipe.data,
-            self.device,
-            recipe.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        self.val_batches = build_val_batches(
-            val_set, recipe.data, self.device, recipe.seed, recipe.eval.batch_size
-        )
-        self.model = build_model(recipe.model, recipe.data).to(self.device)
-        self.loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
-        self.eval_sums = eval_metrics
-        self.eval_images = _reconstruction_images
-
-    def _build_lab(self) -> None:
-        """Data, model and losses of the conflict lab (cli/lab.py): one task per loss."""
-        recipe, tasks = self.recipe, list(self.recipe.losses)
-        problem = lab.LabProblem(recipe.data.lab, tasks)
-        self.provider = lab.LabProvider(
-            problem, recipe.data, self.device, recipe.seed, rank=self.dist.rank
-        )
-        self.val_batches = lab.lab_val_batches(
-            problem, recipe.data, self.device, recipe.eval.batch_size
-        )
-        cfg = recipe.data.lab
-        self.model = lab.LabMLP(
-            cfg.input_dim, cfg.output_dim, recipe.model.dim, recipe.model.depth, tasks
-        ).to(self.device)
-        self.loss_fns = {name: lab.task_mse(name) for name in tasks}
-        self.eval_sums = partial(lab.lab_eval_sums, problem=problem)
-        self.eval_images = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -238,7 +207,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_state(),
-            "data": self.provider.state_dict(),
+            "data": self.parts.data_state(),
             "consecutive_skipped": self.consecutive_skipped,
             "best": self.best,
             "elapsed": self.elapsed,
@@ -265,7 +234,11 @@ class Trainer:
         self.method.load_state_dict(payload["method"])
         self.scaler.load_state_dict(payload["scaler"])
         restore_rng_state(payload["rng"])
-        self.provider.load_state_dict(payload["data"])
+        if not self.parts.load_data_state(payload["data"]):
+            self.logger.warn(
+                "resume: the data source has no state_dict(), so its data order restarts "
+                "from the beginning (add state_dict / load_state_dict to it for an exact resume)"
+            )
         self.step = int(payload["step"])
         self.consecutive_skipped = int(payload["consecutive_skipped"])
         self.best = payload["best"]
@@ -275,23 +248,32 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Metrics over the fixed validation set, and image grids of its first batch."""
+        """The task's metrics over the validation batches, and its image grids if any."""
         self.model.eval()
-        totals: dict[str, torch.Tensor] = {}
-        images: dict[str, torch.Tensor] = {}
+        self.evaluating = True
         try:
-            for x, target in self.val_batches:
-                with autocast(self.device, self.autocast_dtype):
-                    output = call_model(self.model, x)
-                for key, value in self.eval_sums(output, target).items():
-                    totals[key] = totals.get(key, 0) + value
-                if not images and self.eval_images is not None:
-                    images = self.eval_images(output, target, self.recipe.eval.num_images)
+            metrics, images = self.parts.task.evaluate(
+                self.model,
+                self.parts.data.val(),
+                partial(autocast, self.device, self.autocast_dtype),
+            )
+            metrics = {f"eval/{k}": v for k, v in metrics.items()}
+            self._check_best_metric(metrics)
         finally:
             self.model.train()
-        count = totals.pop("count")
-        host = (torch.stack(list(totals.values())) / count).tolist()  # one sync per eval
-        return {f"eval/{k}": v for k, v in zip(totals, host, strict=True)}, images
+        self.evaluating = False
+        return metrics, images
+
+    def _check_best_metric(self, metrics: dict[str, float]) -> None:
+        """``checkpoint.best_metric`` must be one the evaluation reports (the user's own
+        evaluation is only known once it has run)."""
+        cfg = self.recipe.checkpoint
+        if cfg.keep_best and cfg.best_metric not in metrics:
+            raise ComponentError(
+                f"checkpoint.best_metric is {cfg.best_metric}, but the evaluation reports "
+                f"{', '.join(metrics) or 'nothing'}; set checkpoint.best_metric to one of them "
+                "(and best_mode), or checkpoint.keep_best: false"
+            )
 
     def _improved(self, metrics: dict[str, float]) -> bool:
         cfg = self.recipe.checkpoint
@@ -310,14 +292,19 @@ class Trainer:
     def _next_batch(self) -> Any:
         """One micro-batch; a failure names the provider (a bare I/O error would not)."""
         try:
-            return self.provider()
+            batch = self.provider()
+        except ComponentError:
+            raise
         except Exception as exc:
             raise DataProviderError(
                 f"the data provider {type(self.provider).__name__} "
-                f"(data.dataset: {self.recipe.data.dataset}) raised {type(exc).__name__}: {exc}"
+                f"(data: {_component_name(self.recipe.data)}) raised {type(exc).__name__}: {exc}"
             ) from exc
+        self.step_samples += batch_size(batch[0])  # reads a shape: no sync
+        return batch
 
     def train_step(self) -> dict[str, float]:
+        self.step_samples = 0
         self.optimizer.zero_grad(set_to_none=True)
         stats = self.method.step(self._next_batch)
         if self.recipe.clip_grad_norm is not None and not stats["skipped"]:
@@ -345,7 +332,8 @@ class Trainer:
                 if self.step == first_step:
                     self._log_backward_mode()
                 if self.step % r.log.every == 0 or self.step == r.schedule.max_steps:
-                    self.logger.log_step(self.step, stats, lr, self.samples_per_step / seconds)
+                    samples = self.step_samples * self.dist.world_size
+                    self.logger.log_step(self.step, stats, lr, samples / seconds, seconds)
                 # After logging: a step that stops the run is in its checkpoint, so in the metrics.
                 self._count_skips(stats)
                 last = self.step == r.schedule.max_steps
@@ -428,16 +416,10 @@ class Trainer:
         }
 
 
-def _reconstruction_images(
-    output: dict[str, torch.Tensor], target: dict[str, torch.Tensor], count: int
-) -> dict[str, torch.Tensor]:
-    """The first ``count`` validation images: input, what the encoder saw, the reconstruction."""
-    image, mask = target["image"][:count], target["mask"][:count]
-    return {
-        "input": image,
-        "masked": image * (1 - mask) + 0.5 * mask,
-        "reconstruction": output["recon"][:count].float().clamp(0, 1),
-    }
+def _component_name(section: Any) -> str:
+    """How the recipe names a component: its target, or its built-in name."""
+    target = getattr(section, "target", None)
+    return target if target is not None else str(getattr(section, "dataset", section))
 
 
 def backward_description(method: Any) -> str | None:
@@ -522,12 +504,62 @@ def _restore(trainer: Trainer, payload: dict[str, Any], path: Path) -> None:
         ) from None
 
 
+def run_to_end(
+    trainer: Trainer,
+    *,
+    intro: Sequence[str] = (),
+    warnings: Sequence[str] = (),
+    results: Callable[[], dict[str, Any]] | None = None,
+) -> int:
+    """Train to the last step, with the one error path every command shares: a stop or a failure
+    is reported through the run's logger (the traceback kept in the run directory) and the
+    logger closed with the summary (plus ``results()``) when the run finished. Returns the exit
+    code (0 done, 1 failed, 130 stopped)."""
+    logger, run_dir, ctx = trainer.logger, trainer.run_dir, trainer.dist
+    code, summary = EXIT_FAILED, None
+    try:
+        logger.start(trainer.step)
+        for line in intro:
+            logger.info(line)
+        for line in warnings:
+            logger.warn(line)
+        code = trainer.run()
+        if code == EXIT_OK:
+            summary = {**trainer.summary(), **(results() if results else {})}
+            logger.info(f"done: {trainer.step} steps in {trainer.elapsed:.1f} s; {run_dir}")
+    except (TrainingStopped, CheckpointError) as exc:
+        logger.error(str(exc))
+    except Exception as exc:  # a training failure: say where, keep the traceback in the run dir
+        where = (
+            f"the evaluation after step {trainer.step}"
+            if trainer.evaluating
+            else f"step {trainer.step + 1}"
+        )
+        message = f"training failed at {where}: {type(exc).__name__}: {exc}"
+        logger.error(message)
+        distributed.report_error(ctx, message)
+        if ctx.rank == 0 and run_dir.exists():
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            logger.error(f"traceback written to {run_dir / 'error.log'}")
+    finally:
+        logger.close(summary)
+        if code == EXIT_FAILED:
+            distributed.abort(ctx, EXIT_FAILED)  # other ranks may be waiting for this one
+    return code
+
+
 def run_train(
-    recipe: Recipe, *, recipe_path: Path, run_name: str | None, resume: Path | None
+    recipe: Recipe,
+    *,
+    recipe_path: Path,
+    run_name: str | None,
+    resume: Path | None,
+    plugins: PluginRoots | None = None,
 ) -> int:
     """``gcond train``: returns the exit code (0 done, 1 failed, 130 stopped); a bad recipe, data
     set, checkpoint or request raises a `GcondError` (exit code 2) before anything is written."""
     ctx = distributed.context()
+    plugins = plugins or PluginRoots.from_options()
     try:
         payload = None
         ignored: list[str] = []
@@ -540,56 +572,44 @@ def run_train(
                 if k != "name"
             ]
             payload = load_checkpoint(_resume_checkpoint(run_dir, recipe))
+            require_roots(recipe, plugins, saved_plugin_roots(run_dir), run_dir)
+        targets = resolve_references(recipe, plugins)  # the user's code, from trusted roots
         # The recipe's device (of the resumed recipe, if any) picks the backend: NCCL or gloo.
         distributed.init(ctx, resolve_device(recipe.device).type)
         if resume is None:
             run_dir = distributed.from_rank0(lambda: new_run_dir(recipe, run_name), ctx)
-        trainer = Trainer(recipe, run_dir)
+        trainer = Trainer(recipe, run_dir, targets=targets)
         if payload is not None:
             _restore(trainer, payload, checkpoint_paths(run_dir).latest)
     except GcondError:  # bad recipe, data, checkpoint or request: the command line reports it
         distributed.shutdown(ctx)
         raise
+    except ComponentError as exc:  # the user's code broke its contract while the run was built
+        distributed.shutdown(ctx)
+        Console(stderr=True, highlight=False).print(
+            f"error: building the run failed: {exc}", style="bold red", soft_wrap=True
+        )
+        return EXIT_FAILED
     except ValueError as exc:  # settings the builders refuse (e.g. a method that cannot run)
         distributed.shutdown(ctx)
         raise UsageError(str(exc)) from None
-    logger = trainer.logger
+    intro = [f"recipe {recipe_path}:\n{dump_recipe_yaml(recipe)}"]
     if payload is not None:
-        logger_msg = f"resuming {run_dir} at step {trainer.step}"
+        intro.append(f"resuming {run_dir} at step {trainer.step}")
     else:
         if ctx.rank == 0:
             run_dir.mkdir(parents=True)
             (run_dir / RECIPE_FILE).write_text(dump_recipe_yaml(recipe))
-        logger_msg = f"run directory: {run_dir}"
-    code = EXIT_FAILED
-    summary = None
+            save_plugin_roots(run_dir, plugins)
+        intro.append(f"run directory: {run_dir}")
+    warnings = []
+    if ignored:
+        warnings.append(
+            f"--resume continues with the run's saved {RECIPE_FILE}; these settings of the "
+            f"command line differ and are ignored: {', '.join(ignored)}"
+        )
     try:
-        logger.start(trainer.step)
-        logger.info(f"recipe {recipe_path}:\n{dump_recipe_yaml(recipe)}")
-        logger.info(logger_msg)
-        if ignored:
-            logger.warn(
-                f"--resume continues with the run's saved {RECIPE_FILE}; these settings of the "
-                f"command line differ and are ignored: {', '.join(ignored)}"
-            )
-        code = trainer.run()
-        summary = trainer.summary()
-        if code == EXIT_OK:
-            logger.info(f"done: {trainer.step} steps in {trainer.elapsed:.1f} s; {run_dir}")
-    except TrainingStopped as exc:
-        logger.error(str(exc))
-    except CheckpointError as exc:
-        logger.error(str(exc))
-    except Exception as exc:  # a training failure: say where, keep the traceback in the run dir
-        message = f"training failed at step {trainer.step + 1}: {type(exc).__name__}: {exc}"
-        logger.error(message)
-        distributed.report_error(ctx, message)
-        if ctx.rank == 0 and run_dir.exists():
-            (run_dir / "error.log").write_text(traceback.format_exc())
-            logger.error(f"traceback written to {run_dir / 'error.log'}")
+        code = run_to_end(trainer, intro=intro, warnings=warnings)
     finally:
-        logger.close(summary if code == EXIT_OK else None)
-        if code == EXIT_FAILED:
-            distributed.abort(ctx, EXIT_FAILED)  # other ranks may be waiting for this one
         distributed.shutdown(ctx)
     return code

@@ -235,8 +235,10 @@ def fake_train(monkeypatch):
     module.calls = []
     module.exit_code = 0
 
-    def run_train(recipe, *, recipe_path, run_name, resume):
-        module.calls.append(dict(recipe=recipe, path=recipe_path, name=run_name, resume=resume))
+    def run_train(recipe, *, recipe_path, run_name, resume, plugins):
+        module.calls.append(
+            dict(recipe=recipe, path=recipe_path, name=run_name, resume=resume, plugins=plugins)
+        )
         return module.exit_code
 
     module.run_train = run_train
@@ -274,6 +276,7 @@ def test_train_delegates_and_exits_with_its_code(fake_train, tmp_path, exit_code
     assert call["path"] == TINY
     assert call["name"] == "run-1.a_b"
     assert call["resume"] == tmp_path
+    assert call["plugins"].given == ()
 
 
 def test_help_describes_the_tool_and_its_commands():

@@ -1,19 +1,33 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import pytorch_msssim
 import torch
+from pydantic import TypeAdapter
 
-from gcond_cli.losses import build_loss, eval_metrics
-from gcond_cli.recipe import DataConfig, LossConfig
+from gcond_cli.components import lookup
+from gcond_cli.losses import eval_metrics
+from gcond_cli.recipe import ImageDataConfig, LossSection, RecipeError, recipe_from_dict
+
+LOSS = TypeAdapter(LossSection)  # a loss section, as the recipe validates it
 
 
-def data_cfg(image_size: int = 16) -> DataConfig:
-    return DataConfig.model_validate({"image_size": image_size, "mask": {"patch_size": 4}})
+def build_loss(name, cfg, data):
+    """The registered builder of a built-in loss section."""
+    return lookup("loss", cfg.kind).builder()(name, cfg, SimpleNamespace(data=data))
+
+
+def data_cfg(image_size: int = 16) -> ImageDataConfig:
+    return ImageDataConfig.model_validate({"image_size": image_size, "mask": {"patch_size": 4}})
 
 
 def loss_fn(kind: str, image_size: int = 16, **settings: object):
-    return build_loss("test", LossConfig(kind=kind, weight=1.0, **settings), data_cfg(image_size))
+    return build_loss(
+        "test",
+        LOSS.validate_python({"kind": kind, "weight": 1.0, **settings}),
+        data_cfg(image_size),
+    )
 
 
 def hand_made():
@@ -78,11 +92,26 @@ def test_ms_ssim_matches_pytorch_msssim():
     )
 
 
-def test_ms_ssim_too_small_names_the_loss_and_the_minimum():
-    with pytest.raises(ValueError, match=r"losses\.test: ms_ssim .* > 160, got 64"):
-        loss_fn("ms_ssim", image_size=64)
-    with pytest.raises(ValueError, match=r"losses\.test: ssim .* >= 11, got 8"):
-        loss_fn("ssim", image_size=8)
+def test_a_window_too_large_for_the_images_is_a_recipe_error():
+    def errors(kind: str, image_size: int) -> list[str]:
+        raw = {
+            "data": {"image_size": image_size, "mask": {"patch_size": 4}},
+            "model": {"name": "mae_vit"},
+            "losses": {"test": {"kind": kind, "weight": 1.0}},
+            "schedule": {"max_steps": 1},
+            "checkpoint": {"keep_best": False},
+        }
+        with pytest.raises(RecipeError) as caught:
+            recipe_from_dict(raw)
+        return caught.value.errors
+
+    assert errors("ms_ssim", 64) == [
+        "losses.test.win_size: got 11, expected (win_size - 1) * 16 < data.image_size (64) for "
+        "ms_ssim's 5 scales; use a smaller window, larger images or kind 'ssim'"
+    ]
+    assert errors("ssim", 8) == [
+        "losses.test.win_size: got 11, expected a window no larger than data.image_size (8)"
+    ]
 
 
 @pytest.mark.parametrize(

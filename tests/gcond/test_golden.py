@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from gcond import GradientConductor
+from gcond_cli.components import lookup
 from gcond_cli.data import num_masked_patches, pixel_mask
-from gcond_cli.losses import build_loss
 from gcond_cli.methods import build_method, method_unavailable
-from gcond_cli.models import build_model
 from gcond_cli.recipe import load_recipe, recipes_dir
 from tests.helpers import DATA
 
@@ -169,8 +168,10 @@ def run_recipe(name: str) -> tuple[str, str]:
     torch.set_num_threads(1)  # the same reduction order on any machine
     try:
         torch.manual_seed(recipe.seed)
-        model = build_model(recipe.model, recipe.data)
-        loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
+        model = lookup("model", recipe.model.name).builder()(recipe.model, recipe)
+        loss_fns = {
+            n: lookup("loss", c.kind).builder()(n, c, recipe) for n, c in recipe.losses.items()
+        }
         lambdas = {n: c.weight for n, c in recipe.losses.items()}
         method = build_method(
             recipe.conductor, model, loss_fns, lambdas, autocast_dtype=None, scaler=None
