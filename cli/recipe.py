@@ -155,9 +155,9 @@ class LabConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["embedded", "cifar10", "stl10", "imagefolder", "synthetic", "conflict_lab"] = (
-        "embedded"
-    )
+    dataset: Literal[
+        "embedded", "faces", "cifar10", "stl10", "imagefolder", "synthetic", "conflict_lab"
+    ] = "embedded"
     root: str | None = None  # cifar10 / stl10 / imagefolder directory
     download: bool = False
     skip_bad_images: bool = False  # imagefolder: train without unreadable images (listed)
