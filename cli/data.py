@@ -58,6 +58,13 @@ EMBEDDED_TRAIN_SOURCES: tuple[str, ...] = (
 )
 EMBEDDED_VAL_SOURCES: tuple[str, ...] = ("coffee", "rocket", "gravel", "coins")
 
+# scikit-image's LFW subset (lfw_subset.npy, in the wheel, no download): 200 grey 25×25 images,
+# the first 100 faces (the rest are non-face patches, left out). A face has one clear "up", which
+# the embedded crops (mostly orientation-free texture) lack. The first FACES_TRAIN faces train,
+# the others are held out for validation.
+FACES = 100
+FACES_TRAIN = 75
+
 DEFAULT_ROOT = Path.home() / ".cache" / "gcond" / "datasets"
 SYNTHETIC_CLASSES = ("disk", "square", "diamond", "ring")
 
@@ -123,6 +130,7 @@ def build_datasets(
     """
     builders = {
         "embedded": _embedded,
+        "faces": _faces,
         "synthetic": _synthetic_sets,
         "cifar10": _cifar10,
         "stl10": _stl10,
@@ -199,6 +207,24 @@ def _embedded(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
     train = _cut_crops(train_sources, cfg.train_samples, side, _generator(seed, "embedded"))
     val = _cut_crops(val_sources, cfg.val_samples, side, _generator(_VAL_KEY, "embedded"))
     return ImageSet(train, None), ImageSet(val, None)
+
+
+def _faces(cfg: Any, seed: int) -> tuple[ImageSet, ImageSet]:
+    """The upright faces of scikit-image's bundled LFW subset (see FACES), grey, resized to side
+    2·image_size. Train: the FACES_TRAIN training faces (`train_samples` is not used). Validation:
+    `val_samples` images cycling through the held-out faces, mirrored on every other pass (a
+    mirrored face is still upright), so that each face is seen under several of the rotations and
+    masks drawn for the validation set. The same for every seed. No class labels.
+    """
+    import skimage.data
+
+    faces = torch.from_numpy(skimage.data.lfw_subset()[:FACES])  # float64 100×25×25 in [0, 1]
+    grey = faces.mul(255).round().to(torch.uint8).unsqueeze(1).expand(-1, 3, -1, -1)
+    images = _resize(grey, _pool_side(cfg))
+    held_out = images[FACES_TRAIN:]
+    passes = [held_out, held_out.flip(-1)] * math.ceil(cfg.val_samples / (2 * len(held_out)))
+    val = torch.cat(passes)[: cfg.val_samples].contiguous()
+    return ImageSet(images[:FACES_TRAIN].contiguous(), None), ImageSet(val, None)
 
 
 def synthetic_images(count: int, side: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

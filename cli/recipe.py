@@ -55,7 +55,7 @@ MAX_COUNT = 1_000_000_000  # steps, sample counts, intervals
 RESERVED_LOSS_NAMES = ("total",)  # `loss/total` is the weighted sum in the conductor's stats
 # The scale-only baselines: plain accumulation (`sum`) of the losses rescaled by `loss_scale`.
 SCALED_SUMS = {"sum-log": "log", "sum-normalized": "initial"}
-IMAGE_DATASETS = ("embedded", "cifar10", "stl10", "imagefolder", "synthetic")
+IMAGE_DATASETS = ("embedded", "faces", "cifar10", "stl10", "imagefolder", "synthetic")
 # A reference to the user's code: "package.module:attr.path" or "path/file.py:attr.path".
 TARGET_PATTERN = r"[^:\s][^:]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
 

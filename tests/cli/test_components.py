@@ -23,6 +23,7 @@ def test_the_built_ins_by_kind():
     assert names("model") == ("mae_vit", "masked_conv", "lab_mlp")
     assert names("data") == (
         "embedded",
+        "faces",
         "cifar10",
         "stl10",
         "imagefolder",

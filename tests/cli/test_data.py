@@ -3,10 +3,13 @@ import socket
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gcond_cli.data import (
     EMBEDDED_TRAIN_SOURCES,
     EMBEDDED_VAL_SOURCES,
+    FACES,
+    FACES_TRAIN,
     DatasetError,
     DeviceDataProvider,
     ImageSet,
@@ -83,6 +86,36 @@ def test_embedded_loads_offline_with_disjoint_real_sources(monkeypatch: pytest.M
 def test_embedded_has_no_class_labels():
     with pytest.raises(DatasetError, match="labels"):
         build_datasets(data_cfg(dataset="embedded", labels="class", train_samples=2), seed=0)
+
+
+def test_faces_are_the_bundled_lfw_faces_split_and_cycled(monkeypatch: pytest.MonkeyPatch):
+    import skimage.data
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the faces dataset tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    cfg = data_cfg(dataset="faces", image_size=16, val_samples=60)
+    train, val = build_datasets(cfg, seed=0)
+
+    # The 100 faces, grey in all three channels, resized from 25 px to the pool side (2·16).
+    faces = torch.from_numpy(skimage.data.lfw_subset()[:FACES]).float().mul(255).round()
+    expected = F.interpolate(
+        faces.unsqueeze(1), size=32, mode="bilinear", align_corners=False, antialias=True
+    )
+    expected = expected.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    assert (FACES, FACES_TRAIN) == (100, 75)
+    assert train.images.shape == (75, 3, 32, 32) and val.images.shape == (60, 3, 32, 32)
+    assert train.images.dtype == val.images.dtype == torch.uint8
+    assert train.labels is None and val.labels is None
+    assert torch.equal(train.images, expected[:75])
+    # Validation: the 25 held-out faces, then the same mirrored, then the first 10 again.
+    assert torch.equal(val.images[:25], expected[75:])
+    assert torch.equal(val.images[25:50], expected[75:].flip(-1))
+    assert torch.equal(val.images[50:], expected[75:85])
+    again, again_val = build_datasets(cfg, seed=1)  # the same for every seed
+    assert torch.equal(train.images, again.images) and torch.equal(val.images, again_val.images)
 
 
 def test_synthetic_sets(synthetic: tuple[ImageSet, ImageSet]):
