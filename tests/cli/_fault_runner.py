@@ -129,7 +129,7 @@ class _LimitedFile(io.FileIO):
 
 def _base(patch: Patch) -> None:
     """Patches every fault relies on: step tracking, checkpoint context, data and loss hooks."""
-    from gcond_cli import checkpoint, logger, train
+    from gcond_cli import checkpoint, logger, run, train
     from gcond_cli.data import DeviceDataProvider
 
     original_step = train.Trainer.train_step
@@ -188,10 +188,10 @@ def _base(patch: Patch) -> None:
 
     patch(DeviceDataProvider, "__call__", __call__)
 
-    original_build_loss = train.build_loss
+    original_build_loss = run._build_loss
 
-    def build_loss(name: str, cfg: Any, data_cfg: Any) -> Callable[[Any, Any], Any]:
-        fn = original_build_loss(name, cfg, data_cfg)
+    def build_loss(recipe: Any, name: str, section: Any, targets: Any) -> Callable[[Any, Any], Any]:
+        fn = original_build_loss(recipe, name, section, targets)
         if name not in STATE.loss_factors:
             return fn
         at, factor = STATE.loss_factors[name]
@@ -202,7 +202,7 @@ def _base(patch: Patch) -> None:
 
         return faulty_loss
 
-    patch(train, "build_loss", build_loss)
+    patch(run, "_build_loss", build_loss)
 
 
 def _add(kind: str, args: list[str]) -> None:

@@ -17,10 +17,10 @@ from gcond_cli.data import (
     build_val_batches,
     num_masked_patches,
 )
-from gcond_cli.recipe import DataConfig
+from gcond_cli.recipe import ImageDataConfig
 
 
-def data_cfg(**overrides: object) -> DataConfig:
+def data_cfg(**overrides: object) -> ImageDataConfig:
     settings = {
         "dataset": "synthetic",
         "image_size": 16,
@@ -38,7 +38,7 @@ def data_cfg(**overrides: object) -> DataConfig:
         },
     }
     settings.update(overrides)
-    return DataConfig.model_validate(settings)
+    return ImageDataConfig.model_validate(settings)
 
 
 @pytest.fixture(scope="module")

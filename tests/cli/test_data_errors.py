@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from gcond_cli import data
 from gcond_cli.app import app
-from gcond_cli.recipe import DataConfig
+from gcond_cli.recipe import ImageDataConfig
 from tests.helpers import TINY
 
 # TINY: image_size 16, micro-batch 4, val 8
@@ -279,9 +279,11 @@ def test_compare_refuses_bad_data_before_making_its_directory(tmp_path: Path) ->
 # ---------------------------------------------------------------------- the loader's results
 
 
-def data_cfg(root: Path, **settings: object) -> DataConfig:
+def data_cfg(root: Path, **settings: object) -> ImageDataConfig:
     base = {"dataset": "imagefolder", "root": str(root), "image_size": 16}
-    return DataConfig.model_validate({**base, "micro_batch_size": 4, "val_samples": 3, **settings})
+    return ImageDataConfig.model_validate(
+        {**base, "micro_batch_size": 4, "val_samples": 3, **settings}
+    )
 
 
 def test_every_image_mode_loads_like_torchvision_image_folder(tmp_path: Path) -> None:
