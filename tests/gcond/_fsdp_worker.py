@@ -66,9 +66,12 @@ def loss_fns() -> dict[str, Any]:
 
 def global_batch(step: int, index: int, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(10 * step + index)
-    x, t = torch.randn(ROWS, 6, generator=g), 2.0 * torch.randn(ROWS, 3, generator=g)
+    x = torch.randn(ROWS, 6, generator=g)
+    # Targets around +2: "fit" pulls the outputs up, "flip" two of them down, in every
+    # micro-batch, so that even stochastic mode (one loss per micro-batch) conflicts each step.
+    t = 2.0 * torch.randn(ROWS, 3, generator=g) + 2.0
     if poison and step == POISON_STEP:
-        t[-1, 0] = float("nan")  # a row of the last rank, whatever the world size
+        t[-1, 2] = float("nan")  # "fit" reads it, "flip" does not; a row of the last rank
     return x, t
 
 
@@ -78,8 +81,11 @@ def provider(step: int, rank: int, world: int, poison: bool = False) -> Callable
     return lambda: tuple(t[rows] for t in next(batches))
 
 
+SCALE = 2.0**8  # the GradScaler's: the written p.grad carries it
+
+
 def conductor(model: nn.Module, scaler: bool = False, **options: Any) -> GradientConductor:
-    amp = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler else None
+    amp = torch.amp.GradScaler("cpu", init_scale=SCALE) if scaler else None
     return GradientConductor(model, loss_fns(), LAMBDAS, MICRO_BATCHES, scaler=amp, **options)
 
 
