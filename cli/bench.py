@@ -51,6 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 import gcond
 from gcond import GradientConductor
+from gcond_cli import distributed
 from gcond_cli.compare import parse_methods, parse_variants
 from gcond_cli.data import DeviceDataProvider, build_datasets
 from gcond_cli.losses import build_loss
@@ -257,6 +258,7 @@ class LiveTensorBytes(TorchDispatchMode):
 def _storage(t: Any) -> torch.UntypedStorage | None:
     if not isinstance(t, torch.Tensor):
         return None
+    t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP): its shard on this rank
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
@@ -328,7 +330,7 @@ def _conflict_timing(
     """Median seconds of the Gram read + resolution + write-back on gradients that conflict: row
     0 random, every other row at cosine ≈ CONFLICT_COSINE with it (and +0.5 with each other),
     written into the conductor's accumulators."""
-    k, p = len(method.loss_names), method.num_params
+    k, p = method.accumulator.stack.shape  # P/world under FSDP
     generator = torch.Generator(device=device).manual_seed(0)
     base = torch.randn(k, p, device=device, generator=generator)
     grads = base.clone()
@@ -390,7 +392,11 @@ class MethodRun:
         memory.start()
         try:
             torch.manual_seed(recipe.seed)
-            self.model = build_model(recipe.model, recipe.data).to(device)
+            self.model = distributed.wrap(
+                build_model(recipe.model, recipe.data).to(device),
+                distributed.context(),
+                recipe.distributed.strategy,
+            )
             loss_fns = {n: build_loss(n, c, recipe.data) for n, c in recipe.losses.items()}
             lambdas = {n: c.weight for n, c in recipe.losses.items()}
             self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
@@ -653,6 +659,13 @@ def run_bench(
             entries[name], variant_overrides[name] = variant, overrides
         names = list(entries)
         device = resolve_device(resolved.device)
+        # Under torchrun every rank benchmarks its part of the model (DDP: all of it; FSDP: its
+        # shards) on the same micro-batches; rank 0 prints and writes the report.
+        ctx = distributed.context()
+        distributed.init(ctx, device.type, resolved.distributed.strategy)
+        if device.type == "cuda" and ctx.world_size > 1:
+            device = torch.device("cuda", ctx.local_rank)
+        out.quiet = ctx.rank != 0
         pool = _data_pool(resolved, device)
     except ValueError as exc:  # settings the builders refuse; other harness errors: app.py
         raise UsageError(str(exc)) from None
@@ -706,6 +719,7 @@ def run_bench(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results = {name: merge_rounds(rs) for name, rs in per_round.items()}
+    world = _per_rank_memory(results, ctx)
     num_params = next((r["num_params"] for r in results.values() if "num_params" in r), 0)
     targets = add_ratios(results, k, num_params)
     report = {
@@ -729,16 +743,37 @@ def run_bench(
         "rounds": rounds,
         "data": f"{DATA_POOL} synthetic micro-batches on the device, cycled (not timed)",
         "memory": _MemoryMeter(device).kind,
+        "world_size": world,
+        "strategy": resolved.distributed.strategy if world > 1 else "none",
         "methods": results,
         "targets": targets,
         "recipe": recipe_to_dict(resolved),
     }
     _print_report(out, report)
-    if json_path is not None:
+    distributed.shutdown(ctx)
+    if json_path is not None and ctx.rank == 0:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         out.print(f"written: {json_path}", markup=False)
     return EXIT_OK
+
+
+def _per_rank_memory(results: dict[str, dict], ctx: distributed.DistContext) -> int:
+    """Under torchrun: each method's peak memory on every rank (``peak_memory_bytes_per_rank``)
+    and its largest as ``peak_memory_bytes``. Returns the number of ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    world = dist.get_world_size()
+    for r in results.values():
+        peaks: list[Any] = [None] * world
+        dist.all_gather_object(peaks, r.get("peak_memory_bytes"))
+        if "error" not in r:
+            r["peak_memory_bytes_per_rank"] = peaks
+            known = [p for p in peaks if p is not None]
+            r["peak_memory_bytes"] = max(known) if known else None
+    return world
 
 
 def _version(package: str) -> str | None:
@@ -768,7 +803,12 @@ def _print_report(out: Console, report: dict[str, Any]) -> None:
         f"K = {report['num_losses']}, N = {report['accumulation_steps']}, "
         f"{report['precision']}, {report['device']['name']}, torch {report['torch']}",
         caption=f"medians over {report['rounds']} rounds of {report['steps']} steps; "
-        f"memory: {report['memory']}",
+        f"memory: {report['memory']}"
+        + (
+            f"; {report['world_size']} ranks ({report['strategy']}): memory of the largest rank"
+            if report["world_size"] > 1
+            else ""
+        ),
     )
     for title in (
         "method",
