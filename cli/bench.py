@@ -720,6 +720,7 @@ def run_bench(
             torch.cuda.empty_cache()
     results = {name: merge_rounds(rs) for name, rs in per_round.items()}
     world = _per_rank_memory(results, ctx)
+    sharded_or_ddp = world > 1 or distributed.sharded(resolved.distributed.strategy)
     num_params = next((r["num_params"] for r in results.values() if "num_params" in r), 0)
     targets = add_ratios(results, k, num_params)
     report = {
@@ -744,7 +745,7 @@ def run_bench(
         "data": f"{DATA_POOL} synthetic micro-batches on the device, cycled (not timed)",
         "memory": _MemoryMeter(device).kind,
         "world_size": world,
-        "strategy": resolved.distributed.strategy if world > 1 else "none",
+        "strategy": resolved.distributed.strategy if sharded_or_ddp else "none",
         "methods": results,
         "targets": targets,
         "recipe": recipe_to_dict(resolved),
@@ -805,8 +806,8 @@ def _print_report(out: Console, report: dict[str, Any]) -> None:
         caption=f"medians over {report['rounds']} rounds of {report['steps']} steps; "
         f"memory: {report['memory']}"
         + (
-            f"; {report['world_size']} ranks ({report['strategy']}): memory of the largest rank"
-            if report["world_size"] > 1
+            f"; {report['world_size']} rank(s) ({report['strategy']}): memory of the largest rank"
+            if report["strategy"] != "none"
             else ""
         ),
     )
