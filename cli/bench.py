@@ -52,6 +52,7 @@ from torch.utils._pytree import tree_leaves
 import gcond
 from gcond import GradientConductor
 
+from . import distributed
 from .compare import parse_methods, parse_variants
 from .errors import UsageError
 from .methods import (
@@ -257,6 +258,7 @@ class LiveTensorBytes(TorchDispatchMode):
 def _storage(t: Any) -> torch.UntypedStorage | None:
     if not isinstance(t, torch.Tensor):
         return None
+    t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP): its shard on this rank
     try:
         return t.untyped_storage()
     except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
@@ -317,10 +319,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _data_pool(
-    recipe: Recipe, device: torch.device, targets: Mapping[str, Callable[..., Any]]
+    recipe: Recipe, device: torch.device, components: Mapping[str, Callable[..., Any]]
 ) -> tuple[Any, list[Any]]:
     """The recipe's data source, and the micro-batches every method cycles through."""
-    source = build_data(recipe, device, targets=targets)
+    source = build_data(recipe, device, targets=components)
     provider = source.train()
     return source, [provider() for _ in range(DATA_POOL)]
 
@@ -331,7 +333,7 @@ def _conflict_timing(
     """Median seconds of the Gram read + resolution + write-back on gradients that conflict: row
     0 random, every other row at cosine ≈ CONFLICT_COSINE with it (and +0.5 with each other),
     written into the conductor's accumulators."""
-    k, p = len(method.loss_names), method.num_params
+    k, p = method.accumulator.stack.shape  # P/world under FSDP
     generator = torch.Generator(device=device).manual_seed(0)
     base = torch.randn(k, p, device=device, generator=generator)
     grads = base.clone()
@@ -390,7 +392,7 @@ class MethodRun:
         pool: tuple[Any, list[Any]],
         device: torch.device,
         warmup: int,
-        targets: Mapping[str, Callable[..., Any]] | None = None,
+        components: Mapping[str, Callable[..., Any]] | None = None,
     ) -> None:
         """``name``: the method, or a variant's name (the method is ``recipe.conductor.method``);
         ``pool``: the data source and its micro-batches (`_data_pool`)."""
@@ -401,8 +403,11 @@ class MethodRun:
         try:
             torch.manual_seed(recipe.seed)
             source, batches = pool
-            parts = build_parts(recipe, device, targets=targets, data=source)
-            self.model, loss_fns = parts.model, parts.loss_fns
+            parts = build_parts(recipe, device, targets=components, data=source)
+            self.model = distributed.wrap(
+                parts.model, distributed.context(), recipe.distributed.strategy
+            )
+            loss_fns = parts.loss_fns
             lambdas = {n: c.weight for n, c in recipe.losses.items()}
             self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
             self.method = build_method(
@@ -534,10 +539,11 @@ def bench_method(
     device: torch.device,
     steps: int,
     warmup: int,
-    targets: Mapping[str, Callable[..., Any]] | None = None,
+    components: Mapping[str, Callable[..., Any]] | None = None,
 ) -> dict[str, Any]:
-    """One method alone: build, warm up, ``steps`` timed steps."""
-    run = MethodRun(name, with_method(recipe, name), pool, device, warmup, targets)
+    """One method alone: build, warm up, ``steps`` timed steps. ``components``: the user's code
+    the recipe names (``plugins.resolve_references``)."""
+    run = MethodRun(name, with_method(recipe, name), pool, device, warmup, components)
     time_in_turn([run], steps)
     return run.result()
 
@@ -670,9 +676,16 @@ def run_bench(
         for name, (variant, overrides) in bench_variants(resolved, variants, names).items():
             entries[name], variant_overrides[name] = variant, overrides
         names = list(entries)
-        targets = resolve_references(resolved, plugins or PluginRoots.from_options())
+        components = resolve_references(resolved, plugins or PluginRoots.from_options())
         device = resolve_device(resolved.device)
-        pool = _data_pool(resolved, device, targets)
+        # Under torchrun every rank benchmarks its part of the model (DDP: all of it; FSDP: its
+        # shards) on the same micro-batches; rank 0 prints and writes the report.
+        ctx = distributed.context()
+        distributed.init(ctx, device.type, resolved.distributed.strategy)
+        if device.type == "cuda" and ctx.world_size > 1:
+            device = torch.device("cuda", ctx.local_rank)
+        out.quiet = ctx.rank != 0
+        pool = _data_pool(resolved, device, components)
     except ValueError as exc:  # settings the builders refuse; other harness errors: app.py
         raise UsageError(str(exc)) from None
 
@@ -687,7 +700,9 @@ def run_bench(
     )
     # One untimed run first: the first method to run would otherwise pay the process's one-time
     # costs (library handles, kernel selection, allocator pools) in time and memory.
-    bench_method("sum", resolved, pool, device, steps=1, warmup=max(warmup, 1), targets=targets)
+    bench_method(
+        "sum", resolved, pool, device, steps=1, warmup=max(warmup, 1), components=components
+    )
     # Each round builds every method afresh (one after the other, their memory measured alone),
     # then times their steps in turn, step by step. Measured one method after the other instead,
     # the ratios moved by up to 25 % between passes on a shared GPU, and on a CPU the method run
@@ -700,7 +715,7 @@ def run_bench(
                 continue
             out.print(f"  round {r + 1}/{rounds}: build and warm up {name} ...", markup=False)
             try:
-                runs.append(MethodRun(name, entries[name], pool, device, warmup, targets))
+                runs.append(MethodRun(name, entries[name], pool, device, warmup, components))
             except (ValueError, RuntimeError) as exc:  # e.g. stochastic with N < K, OOM
                 per_round[name].append({"method": name, "error": f"{type(exc).__name__}: {exc}"})
                 _error(out, f"{name}: {per_round[name][-1]['error']}")
@@ -725,6 +740,8 @@ def run_bench(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results = {name: merge_rounds(rs) for name, rs in per_round.items()}
+    world = _per_rank_memory(results, ctx)
+    sharded_or_ddp = world > 1 or distributed.sharded(resolved.distributed.strategy)
     num_params = next((r["num_params"] for r in results.values() if "num_params" in r), 0)
     targets = add_ratios(results, k, num_params)
     report = {
@@ -749,16 +766,37 @@ def run_bench(
         "data": f"{DATA_POOL} micro-batches of the recipe's data on the device, cycled (not "
         "timed); synthetic images for the image data sets",
         "memory": _MemoryMeter(device).kind,
+        "world_size": world,
+        "strategy": resolved.distributed.strategy if sharded_or_ddp else "none",
         "methods": results,
         "targets": targets,
         "recipe": recipe_to_dict(resolved),
     }
     _print_report(out, report)
-    if json_path is not None:
+    distributed.shutdown(ctx)
+    if json_path is not None and ctx.rank == 0:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         out.print(f"written: {json_path}", markup=False)
     return EXIT_OK
+
+
+def _per_rank_memory(results: dict[str, dict], ctx: distributed.DistContext) -> int:
+    """Under torchrun: each method's peak memory on every rank (``peak_memory_bytes_per_rank``)
+    and its largest as ``peak_memory_bytes``. Returns the number of ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    world = dist.get_world_size()
+    for r in results.values():
+        peaks: list[Any] = [None] * world
+        dist.all_gather_object(peaks, r.get("peak_memory_bytes"))
+        if "error" not in r:
+            r["peak_memory_bytes_per_rank"] = peaks
+            known = [p for p in peaks if p is not None]
+            r["peak_memory_bytes"] = max(known) if known else None
+    return world
 
 
 def _version(package: str) -> str | None:
@@ -788,7 +826,12 @@ def _print_report(out: Console, report: dict[str, Any]) -> None:
         f"K = {report['num_losses']}, N = {report['accumulation_steps']}, "
         f"{report['precision']}, {report['device']['name']}, torch {report['torch']}",
         caption=f"medians over {report['rounds']} rounds of {report['steps']} steps; "
-        f"memory: {report['memory']}",
+        f"memory: {report['memory']}"
+        + (
+            f"; {report['world_size']} rank(s) ({report['strategy']}): memory of the largest rank"
+            if report["strategy"] != "none"
+            else ""
+        ),
     )
     for title in (
         "method",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,10 +22,14 @@ __all__ = [
     "CheckpointPaths",
     "capture_rng_state",
     "checkpoint_paths",
+    "join_shards",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_sharded",
     "restore_rng_state",
     "save_checkpoint",
+    "save_sharded",
+    "split_shards",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -127,6 +133,82 @@ def load_checkpoint(path: Path) -> dict:
             f"checkpoint {path} holds a {type(payload).__name__}, not a checkpoint dict"
         )
     return payload
+
+
+# ---------------------------------------------------------------------- sharded (FSDP) runs
+#
+# A run with distributed.strategy: fsdp writes what every rank holds a shard of (model,
+# optimizer, the method's DTensors) with torch.distributed.checkpoint into ``latest.dcp/`` next
+# to ``latest.pt``, which rank 0 writes as for any run, without those parts. The directory comes
+# first: a ``latest.pt`` always has its shards. DCP reshards on load, so a run resumes on another
+# number of ranks.
+
+
+def sharded_path(path: Path) -> Path:
+    """The directory of a checkpoint's shards: ``latest.pt`` → ``latest.dcp``."""
+    return Path(path).with_suffix(".dcp")
+
+
+def save_sharded(path: Path, state: dict[str, Any]) -> None:
+    """Every rank writes its shards of ``state`` (a collective), into a temporary directory
+    that rank 0 then renames over the previous one."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    target = sharded_path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+    except Exception as e:
+        raise CheckpointError(f"could not write sharded checkpoint {target}: {e}") from e
+    if rank0:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    dist.barrier()
+
+
+def load_sharded(path: Path, state: dict[str, Any]) -> None:
+    """Load the shards of ``path`` into ``state`` in place (every rank, a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    target = sharded_path(path)
+    if not target.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a sharded (distributed.strategy: fsdp) run, and its "
+            f"shards {target} are missing; resume it under torchrun from the same run directory"
+        )
+    dcp.load(state, checkpoint_id=str(target))
+
+
+def split_shards(state: Any, prefix: str = "") -> tuple[Any, dict[str, Any]]:
+    """``state`` without its DTensors (None in their place), and the DTensors by path
+    (``a/b/c``): the first goes into the rank-0 checkpoint, the second to DCP."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return None, {prefix: state}
+    if not isinstance(state, Mapping):
+        return state, {}
+    rest, shards = {}, {}
+    for key, value in state.items():
+        rest[key], found = split_shards(value, f"{prefix}/{key}" if prefix else str(key))
+        shards.update(found)
+    return rest, shards
+
+
+def join_shards(rest: Any, shards: dict[str, Any], prefix: str = "") -> Any:
+    """The inverse of :func:`split_shards`."""
+    if prefix in shards:
+        return shards[prefix]
+    if not isinstance(rest, Mapping):
+        return rest
+    return {
+        k: join_shards(v, shards, f"{prefix}/{k}" if prefix else str(k)) for k, v in rest.items()
+    }
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -41,10 +41,13 @@ def context() -> DistContext:
     )
 
 
-def init(ctx: DistContext, device_type: str) -> None:
+def init(ctx: DistContext, device_type: str, strategy: str = "ddp") -> None:
     """Join the process group once per process: NCCL when training on CUDA (one GPU per local
-    rank), gloo on the CPU. The choice follows the recipe's device, not what the machine has."""
-    if not ctx.active or dist.is_initialized():
+    rank), gloo on the CPU. The choice follows the recipe's device, not what the machine has.
+    FSDP joins a group under torchrun even with one process, so that a sharded checkpoint
+    resumes on any number of ranks."""
+    launched = "MASTER_ADDR" in os.environ
+    if dist.is_initialized() or not (ctx.active or (strategy == "fsdp" and launched)):
         return
     if device_type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -54,8 +57,25 @@ def init(ctx: DistContext, device_type: str) -> None:
         dist.init_process_group("gloo")
 
 
-def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """DistributedDataParallel around the model when several processes train it."""
+def sharded(strategy: str) -> bool:
+    """Whether this process trains a ``fully_shard`` model (``distributed.strategy: fsdp`` in a
+    process group)."""
+    return strategy == "fsdp" and dist.is_available() and dist.is_initialized()
+
+
+def wrap(model: nn.Module, ctx: DistContext, strategy: str = "ddp") -> nn.Module:
+    """DistributedDataParallel around the model when several processes train it, or, with
+    ``strategy="fsdp"``, the model sharded in place with FSDP2: each module held in an
+    ``nn.ModuleList`` (a transformer's blocks) is one ``fully_shard`` unit, gathered for its own
+    forward and backward only, and the root takes every other parameter."""
+    if sharded(strategy):
+        from torch.distributed.fsdp import fully_shard
+
+        for holder in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+            for block in holder:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block)
+        return fully_shard(model)
     if not ctx.active:
         return model
     ids = [ctx.local_rank] if next(model.parameters()).device.type == "cuda" else None

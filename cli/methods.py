@@ -285,8 +285,7 @@ class SumMethod:
                 sync = i == n - 1 or not hasattr(self.model, "no_sync")
                 with contextlib.nullcontext() if sync else self.model.no_sync():
                     total.backward()
-        grads = [p.grad for p in self._params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        norm = _grad_norm([p.grad for p in self._params if p.grad is not None])
         if self.scaler is not None and self.scaler.is_enabled():
             norm = norm / self.scaler.scale(torch.ones((), device=self.device))
         # The one host-device sync of the step: loss sums and the gradient norm together.
@@ -311,6 +310,19 @@ class SumMethod:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._step = int(state["step"])
+
+
+def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """‖g‖ over every gradient tensor; with FSDP's DTensor shards, the squared norms of this
+    rank's shards summed over the ranks (one one-number all-reduce)."""
+    mesh = next((g.device_mesh for g in grads if hasattr(g, "device_mesh")), None)
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(local)))
+    if mesh is None:
+        return norm
+    square = norm.square().reshape(1)
+    torch.distributed.all_reduce(square, group=mesh.get_group())
+    return square.sqrt()[0]
 
 
 class InitialScaleMethod:

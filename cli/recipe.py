@@ -570,6 +570,13 @@ class OptimizerConfig(_Section):
             yield _Issue(("nesterov",), True, "false when optimizer.momentum is 0")
 
 
+class DistributedConfig(_Section):
+    # How the processes of a torchrun launch share the model: ddp (each holds all of it) or
+    # fsdp (FSDP2's fully_shard: each holds 1/world of the weights, gradients, optimizer and
+    # conductor state; checkpoints through torch.distributed.checkpoint).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
 class ScheduleConfig(_Section):
     max_steps: Count  # optimizer steps
     warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)  # linear warmup, then cosine decay
@@ -631,6 +638,7 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     max_skipped_steps: Count = 10  # consecutive non-finite steps before the run stops
 
     @field_validator("name")

@@ -31,9 +31,13 @@ from .checkpoint import (
     CheckpointError,
     capture_rng_state,
     checkpoint_paths,
+    join_shards,
     load_checkpoint,
+    load_sharded,
     restore_rng_state,
     save_checkpoint,
+    save_sharded,
+    split_shards,
 )
 from .data import ImageSet
 from .errors import GcondError, UsageError
@@ -165,7 +169,8 @@ class Trainer:
         )
         self.model, self.provider = self.parts.model, self.parts.provider
         self.skipped_images = self.parts.skipped_images
-        self.wrapped = distributed.wrap(self.model, self.dist)
+        self.wrapped = distributed.wrap(self.model, self.dist, recipe.distributed.strategy)
+        self.sharded = distributed.sharded(recipe.distributed.strategy)
         lambdas = {n: c.weight for n, c in recipe.losses.items()}
         self.method = build_method(
             recipe.conductor,
@@ -199,12 +204,21 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_payload(self) -> dict[str, Any]:
+        """What rank 0 saves; a sharded run's model, optimizer and method DTensors are in
+        :meth:`sharded_state` instead."""
+        if self.sharded:
+            method, _ = split_shards(self.method.state_dict())
+            parts: dict[str, Any] = {"sharded": True, "method": method}
+        else:
+            parts = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "method": self.method.state_dict(),
+            }
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **parts,
             "scheduler": self.scheduler.state_dict(),
-            "method": self.method.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": capture_rng_state(),
             "data": self.parts.data_state(),
@@ -213,25 +227,55 @@ class Trainer:
             "elapsed": self.elapsed,
         }
 
+    def sharded_state(self) -> dict[str, Any]:
+        """A sharded run's model, optimizer and method DTensors, keyed by name (every rank)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        _, method = split_shards(self.method.state_dict())
+        return {"model": model, "optimizer": optimizer, "method": method}
+
     def save(self, *, best: bool = False) -> None:
-        """Rank 0 writes; the others wait so that no rank runs ahead of a checkpoint."""
+        """Rank 0 writes (every rank its shards first, in a sharded run); the others wait so
+        that no rank runs ahead of a checkpoint."""
+        paths = checkpoint_paths(self.run_dir)
         if self.dist.rank == 0:
-            paths = checkpoint_paths(self.run_dir)
             paths.latest.parent.mkdir(parents=True, exist_ok=True)
-            payload = self.checkpoint_payload()
-            # best.pt first: a run killed between the two writes resumes from the previous
-            # latest.pt, re-runs this eval and rewrites best.pt. The other order would leave a
-            # latest.pt that records this best and a best.pt that never receives it.
-            if best:
-                save_checkpoint(paths.best, payload)
-            save_checkpoint(paths.latest, payload)
+        distributed.barrier(self.dist)
+        # best.pt first: a run killed between the two writes resumes from the previous
+        # latest.pt, re-runs this eval and rewrites best.pt. The other order would leave a
+        # latest.pt that records this best and a best.pt that never receives it.
+        for path in [paths.best, paths.latest] if best else [paths.latest]:
+            if self.sharded:
+                save_sharded(path, self.sharded_state())
+            if self.dist.rank == 0:
+                save_checkpoint(path, self.checkpoint_payload())
         distributed.barrier(self.dist)
 
-    def restore(self, payload: dict[str, Any]) -> None:
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+    def restore(self, payload: dict[str, Any], path: Path | None = None) -> None:
+        """Continue from ``payload``; a sharded one loads its shards from next to ``path``."""
+        if bool(payload.get("sharded")) != self.sharded or (self.sharded and path is None):
+            raise ValueError(
+                "sharded (distributed.strategy: fsdp) and unsharded runs do not share "
+                "checkpoints; an fsdp run resumes under torchrun (any --nproc-per-node)"
+            )
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            state = self.sharded_state()
+            load_sharded(path, state)  # type: ignore[arg-type]
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optimizer"],
+            )
+            self.method.load_state_dict(join_shards(payload["method"], state["method"]))
+        else:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.method.load_state_dict(payload["method"])
         self.scheduler.load_state_dict(payload["scheduler"])
-        self.method.load_state_dict(payload["method"])
         self.scaler.load_state_dict(payload["scaler"])
         restore_rng_state(payload["rng"])
         if not self.parts.load_data_state(payload["data"]):
@@ -490,7 +534,7 @@ def _resume_checkpoint(run_dir: Path, recipe: Recipe) -> Path:
 def _restore(trainer: Trainer, payload: dict[str, Any], path: Path) -> None:
     """``trainer.restore``, with a checkpoint that does not fit the run as a CheckpointError."""
     try:
-        trainer.restore(payload)
+        trainer.restore(payload, path)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         if isinstance(exc, KeyError):
             detail = f"it has no {exc}"
@@ -575,7 +619,7 @@ def run_train(
             require_roots(recipe, plugins, saved_plugin_roots(run_dir), run_dir)
         targets = resolve_references(recipe, plugins)  # the user's code, from trusted roots
         # The recipe's device (of the resumed recipe, if any) picks the backend: NCCL or gloo.
-        distributed.init(ctx, resolve_device(recipe.device).type)
+        distributed.init(ctx, resolve_device(recipe.device).type, recipe.distributed.strategy)
         if resume is None:
             run_dir = distributed.from_rank0(lambda: new_run_dir(recipe, run_name), ctx)
         trainer = Trainer(recipe, run_dir, targets=targets)

@@ -85,8 +85,8 @@ class Accumulator:
         self.loss_fns, self.loss_names = loss_fns, list(loss_fns)
         self.autocast_dtype, self.scaler, self.group = autocast_dtype, scaler, group
         self.device = params[0].device
-        self._shapes = [tuple(p.shape) for p in params]
-        self._numels = [p.numel() for p in params]
+        self._shapes = [tuple(self._local(p).shape) for p in params]
+        self._numels = [self._local(p).numel() for p in params]
         k, numel = len(self.loss_names), sum(self._numels)
         dtype = getattr(torch, config.grad_dtype)
         self._stacks = [torch.zeros(k, numel, dtype=dtype, device=self.device) for _ in "ab"]
@@ -135,10 +135,7 @@ class Accumulator:
         with frozen_batchnorm(self.module, self.config.freeze_bn):
             for i in range(self.config.accumulation_steps):
                 self._micro_batch(data_provider, i)
-        if self.config.ddp_sync == "grads" and distributed(self.group):
-            # One flat collective for all K accumulators, and a K-sized one for the loss sums.
-            mean_over_ranks_(self.stack, self.group)
-            mean_over_ranks_(self._loss_sums, self.group)
+        self._synchronise()
         return self.summarize()
 
     def summarize(self) -> Gradients:
@@ -153,7 +150,7 @@ class Accumulator:
         parts = [gram_of(acc).flatten(), self._loss_sums]
         if self.has_prev:
             parts.append(torch.stack([torch.dot(acc[i], prev[i]) for i in range(k)]).float())
-        host = torch.cat(parts).to("cpu", torch.float64)  # sync
+        host = self._over_ranks(torch.cat(parts)).to("cpu", torch.float64)  # sync
         gram = host[: k * k].reshape(k, k)
         means = (host[k * k : k * k + k] / self.config.accumulation_steps).tolist()
         prev_cosines = None
@@ -189,6 +186,25 @@ class Accumulator:
         if self.config.per_loss_backward in ("auto", "benchmark"):
             self.batched_ok = state.get("batched_backward")
             self.backward_timings = state.get("backward_timings")
+
+    # ------------------------------------------------------------------ seams for sharding
+
+    @staticmethod
+    def _local(param: torch.Tensor) -> torch.Tensor:
+        """The part of a parameter this process holds: all of it (a shard under FSDP)."""
+        return param
+
+    def _synchronise(self) -> None:
+        """Under DDP with ``ddp_sync="grads"``: one flat collective for all K accumulators, and
+        a K-sized one for the loss sums."""
+        if self.config.ddp_sync == "grads" and distributed(self.group):
+            mean_over_ranks_(self.stack, self.group)
+            mean_over_ranks_(self._loss_sums, self.group)
+
+    def _over_ranks(self, summary: torch.Tensor) -> torch.Tensor:
+        """The step's summary (Gram matrix, loss sums, dots with last step) as every rank must
+        see it; here it already is."""
+        return summary
 
     # ------------------------------------------------------------------ one micro-batch
 

@@ -20,6 +20,7 @@ from ._config import ConductorConfig, config_from
 from ._distributed import distributed, is_ddp, on_any_rank
 from ._resolution import ZONES, cosine_matrix
 from ._resolve import ConflictResolver, Resolver
+from ._sharded import ShardedAccumulator, ShardedUpdater, pack, shard_group, unpack
 from ._update import Updater
 
 _STATE_FORMAT = "gcond.GradientConductor/1"
@@ -31,7 +32,9 @@ class GradientConductor:
     losses: accumulates one gradient per loss over ``accumulation_steps`` micro-batches,
     resolves their conflicts, and writes the merged result to ``p.grad`` for any optimizer.
 
-    * ``model``: the ``nn.Module`` (or a ``DistributedDataParallel`` wrapping one).
+    * ``model``: the ``nn.Module``, a ``DistributedDataParallel`` wrapping one, or one sharded
+      with FSDP2's ``fully_shard`` (every part then holds this rank's shard; see
+      ``docs/algorithm.md``, "Sharded models").
     * ``loss_fns``: ``{name: fn(model_output, target) -> scalar tensor}``, at least one.
     * ``lambdas``: ``{name: weight}``, the same keys, finite and ≥ 0.
     * ``accumulation_steps``: micro-batches per step; overrides ``config.accumulation_steps``.
@@ -88,7 +91,15 @@ class GradientConductor:
         self._params = params
         self._shapes = [tuple(p.shape) for p in params]
         self.num_params = sum(p.numel() for p in params)
-        self.accumulator = Accumulator(
+        names = [n for n, p in self._module.named_parameters() if p.requires_grad]
+        # Under fully_shard: this rank's shards only, and the group they are sharded over.
+        shards = shard_group(params, names)
+        self.sharded = shards is not None
+        if self.sharded:
+            _check_sharded(config)
+            self._group = shards
+        sharding = {"names": names} if self.sharded else {}
+        self.accumulator = (ShardedAccumulator if self.sharded else Accumulator)(
             self._module,
             params,
             self.loss_fns,
@@ -97,9 +108,12 @@ class GradientConductor:
             autocast_dtype=autocast_dtype,
             scaler=scaler,
             group=self._group,
+            **sharding,
         )
         self.resolver: Resolver = resolver or ConflictResolver(self.loss_names, config)
-        self.updater = Updater(params, config, scaler=scaler, group=self._group)
+        self.updater = (ShardedUpdater if self.sharded else Updater)(
+            params, config, scaler=scaler, group=self._group, **sharding
+        )
 
     # ------------------------------------------------------------------ the step
 
@@ -136,20 +150,32 @@ class GradientConductor:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit. Safe for ``torch.load(weights_only=True)``."""
-        momentum = self.updater.momentum.buffer
-        return {
+        """Everything needed to continue bit for bit. Safe for ``torch.load(weights_only=True)``.
+
+        Under ``fully_shard`` the gradients of the last step and the momentum are DTensors, one
+        per loss and parameter, over this conductor's own buffers, and the rest is one bytes
+        object: save and load it with ``torch.distributed.checkpoint`` (which loads in place and
+        reshards for another number of ranks), then call :meth:`load_state_dict`."""
+        state = {
             "format": _STATE_FORMAT,
             "loss_names": list(self.loss_names),
             "param_shapes": [list(s) for s in self._shapes],
             "step": self.updater.steps,
             **self.accumulator.state_dict(),
-            "momentum": None if momentum is None else momentum.clone(),
+            "momentum": self.updater.momentum_state(),
             **self.resolver.state_dict(),
         }
+        return pack(state) if self.sharded else state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; refuses a state of other losses or parameter shapes."""
+        if ("host" in state) != self.sharded:
+            raise ValueError(
+                "conductor state and this conductor disagree on sharding: a fully_shard model's "
+                "conductor state is saved and loaded with torch.distributed.checkpoint, an "
+                "unsharded one's with torch.save/torch.load"
+            )
+        state = unpack(dict(state))
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"not a GradientConductor state (format {state.get('format')!r})")
         if list(state["loss_names"]) != self.loss_names:
@@ -172,8 +198,7 @@ class GradientConductor:
             raise ValueError("conductor state and this conductor disagree on momentum (beta > 0)")
         self.updater.steps = int(state["step"])
         self.accumulator.load_state_dict(dict(state))
-        if momentum is not None and buffer is not None:
-            buffer.copy_(momentum)
+        self.updater.load_momentum(momentum)
         self.resolver.load_state_dict(state)
 
     # ------------------------------------------------------------------ reading
@@ -256,6 +281,21 @@ class GradientConductor:
 
 def _pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def _check_sharded(config: ConductorConfig) -> None:
+    """What a ``fully_shard`` model rules out, said before the first step."""
+    if config.ddp_sync != "grads":
+        raise ValueError(
+            f"ddp_sync={config.ddp_sync!r} is for DistributedDataParallel; under fully_shard, "
+            "FSDP's reduce-scatter averages each loss's gradient over the ranks, which is what "
+            "ddp_sync='grads' (the default) does: leave ddp_sync unset"
+        )
+    if config.per_loss_backward == "batched":
+        raise ValueError(
+            "per_loss_backward='batched' cannot run under fully_shard (a batched backward does "
+            "not reach FSDP's reduce-scatter); use 'sequential' or 'auto' (which takes it)"
+        )
 
 
 def _check_inputs(

@@ -44,15 +44,22 @@ def apply_trust_ratio_(
     coef: float,
     clip: float,
     eps: float,
+    group: Any = None,
 ) -> None:
     """Rescale each parameter tensor's update to norm ``coef·‖p‖`` (LARS/LAMB), in place.
 
     The ratio ``coef·‖p‖/‖u‖`` is clipped at ``clip``; it is 1 where ``‖p‖`` or ``‖u‖`` is ~0.
-    All norms in two fused multi-tensor kernels, no host sync.
+    All norms in two fused multi-tensor kernels, no host sync. With a ``group``, ``updates``
+    and ``params`` are this rank's shards of tensors sharded over it: the squared norms of the
+    shards are summed over the ranks (one collective of 2·T numbers).
     """
     u_norms = torch.stack(torch._foreach_norm(updates)).float()
     p_norms = torch.stack(torch._foreach_norm([p.detach() for p in params])).float()
     p_norms = p_norms.to(u_norms.device)
+    if group is not None:
+        squares = torch.cat([u_norms, p_norms]).square()
+        dist.all_reduce(squares, group=group)
+        u_norms, p_norms = squares.sqrt().split(len(updates))
     ratio = (coef * p_norms / u_norms.clamp_min(eps)).clamp_max(clip)
     ratio = torch.where((p_norms > eps) & (u_norms > eps), ratio, torch.ones_like(ratio))
     torch._foreach_mul_(updates, list(ratio.to(updates[0].dtype).unbind()))
@@ -79,7 +86,8 @@ class Updater:
     ) -> None:
         self.params, self.config, self.scaler, self.group = params, config, scaler, group
         self.device = params[0].device
-        numels, shapes = [p.numel() for p in params], [tuple(p.shape) for p in params]
+        locals_ = [self._local(p) for p in params]
+        numels, shapes = [t.numel() for t in locals_], [tuple(t.shape) for t in locals_]
         dtypes = {p.dtype for p in params}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         self.buffer = torch.zeros(sum(numels), dtype=dtype, device=self.device)
@@ -109,9 +117,7 @@ class Updater:
         if not cfg.return_raw_grad:
             self.momentum.apply_(update, self.steps)
             if cfg.trust_ratio_coef is not None:
-                apply_trust_ratio_(
-                    self._views, self.params, cfg.trust_ratio_coef, cfg.trust_ratio_clip, cfg.eps
-                )
+                self._trust_ratio()
         if cfg.ddp_sync == "update" and distributed(self.group):
             update.div_(dist.get_world_size(self.group))
             dist.all_reduce(update, group=self.group)
@@ -120,7 +126,7 @@ class Updater:
             # ‖Σ w_k g_k‖² = wᵀ·Gram·w: exact, and no second sync.
             norm = math.sqrt(max(float(weights @ gradients.gram @ weights), 0.0))
         else:
-            norm = float(torch.linalg.vector_norm(update))  # a host-device sync
+            norm = self._norm()  # a host-device sync
         if self.scaler is not None:
             # scaler.step() unscales p.grad: hand it a scaled update.
             update.mul_(self.scaler.scale(torch.ones((), device=self.device)))
@@ -136,6 +142,29 @@ class Updater:
         else:
             for p in self.params:
                 p.grad = None
+
+    def momentum_state(self) -> Any:
+        """The momentum buffer for a state dict: a copy, or None without momentum."""
+        buffer = self.momentum.buffer
+        return None if buffer is None else buffer.clone()
+
+    def load_momentum(self, state: Any) -> None:
+        if self.momentum.buffer is not None:
+            self.momentum.buffer.copy_(state)
+
+    @staticmethod
+    def _local(param: torch.Tensor) -> torch.Tensor:
+        """The part of a parameter this process holds: all of it (a shard under FSDP)."""
+        return param
+
+    def _trust_ratio(self) -> None:
+        cfg = self.config
+        apply_trust_ratio_(
+            self._views, self.params, cfg.trust_ratio_coef, cfg.trust_ratio_clip, cfg.eps
+        )
+
+    def _norm(self) -> float:
+        return float(torch.linalg.vector_norm(self.buffer))
 
     def _write(self) -> None:
         for p, view in zip(self.params, self._views, strict=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from gcond_cli.recipe import load_recipe
 from gcond_cli.train import Trainer, UsageError
 from tests.helpers import TINY
 
+FSDP = "distributed.strategy=fsdp"
 FAULTY = Path(__file__).parent / "_faulty_train.py"  # gcond with a fault injected on one rank
 TIMEOUT_S = 240  # far above a normal launch: reaching it means the ranks hung
 
@@ -38,14 +40,16 @@ def free_port() -> int:
 class Launch:
     """``torchrun --nproc-per-node 2 ... train tiny.yaml`` in the background; output to a file."""
 
-    def __init__(self, root: Path, name: str, *args: str, fault: str | None = None) -> None:
+    def __init__(
+        self, root: Path, name: str, *args: str, fault: str | None = None, nproc: int = 2
+    ) -> None:
         self.runs = root / name
         self.runs.mkdir(parents=True)
         self.log = root / f"{name}.log"
         entry = [str(FAULTY)] if fault else ["-m", "gcond_cli"]
         command = [
             sys.executable, "-m", "torch.distributed.run",  # = torchrun, this interpreter's
-            "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()),
             *entry, "train", str(TINY), f"log.runs_dir={self.runs}", *args,
         ]  # fmt: skip
@@ -95,6 +99,8 @@ def launches(tmp_path_factory: pytest.TempPathFactory):
         "full": Launch(root, "full", "--run-name", "full"),
         "crash": Launch(root, "crash", "--run-name", "crash", fault="raise:1:3"),
         "stop": Launch(root, "stop", "--run-name", "stop", fault="sigterm:0:3"),
+        "fsdp": Launch(root, "fsdp", "--run-name", "fsdp", FSDP),
+        "fsdp_crash": Launch(root, "fsdp_crash", "--run-name", "c", FSDP, fault="raise:1:3"),
     }
     yield root, started
     for launch in started.values():
@@ -159,6 +165,43 @@ def test_resumed_distributed_run_ends_with_the_uninterrupted_weights(launches):
     assert final["step"] == reference["step"] == 4
     for key, value in reference["model"].items():
         assert torch.equal(final["model"][key], value), key
+
+
+def sharded_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model of a sharded run's latest checkpoint, gathered from its DCP directory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = run_dir / "gathered.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / "latest.dcp", path)
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_fsdp_run_checkpoints_its_shards_and_resumes_on_2_and_1_ranks(launches):
+    root, started = launches
+    code, output = started["fsdp"].wait()
+    assert code == 0, output
+    assert "per-loss gradients: sequential" in output
+    [full] = run_dirs(started["fsdp"])
+    assert checkpoint(full)["sharded"] is True
+    assert "model" not in checkpoint(full)  # in latest.dcp, sharded
+    started["fsdp_crash"].wait()
+    [crashed] = run_dirs(started["fsdp_crash"])
+    assert checkpoint(crashed)["step"] == 2
+    shutil.copytree(crashed, root / "c1")
+    resumed = Launch(root, "fsdp_resume", "--resume", str(crashed))
+    on_one = Launch(root, "fsdp_resume1", "--resume", str(root / "c1"), nproc=1)
+    code, output = resumed.wait()
+    assert code == 0, output
+    assert f"resuming {crashed} at step 2" in output
+    final, reference = sharded_model(crashed), sharded_model(full)
+    assert final.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(final[key], value), key
+    # On one rank the data stream is another (each rank draws its own shard): it runs on.
+    code, output = on_one.wait()
+    assert code == 0, output
+    assert checkpoint(root / "c1")["step"] == 4
 
 
 # ------------------------------------------------------------------------------ in this process
