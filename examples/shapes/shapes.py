@@ -134,13 +134,11 @@ class ShapesData:
         noise: float,
         val_samples: int,
         val_batch_size: int,
+        rank: int,
     ) -> None:
-        self.seed, self.device = seed, torch.device(device)
+        self.seed, self.device, self.rank = seed, torch.device(device), rank
         self.micro_batch_size, self.image_size, self.noise = micro_batch_size, image_size, noise
         self.val_samples, self.val_batch_size = val_samples, val_batch_size
-        # Under torch.distributed each rank draws its own stream.
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = torch.distributed.get_rank() if distributed else 0
         self.micro_batches_served = 0
         self._val: list[Batch] | None = None
 
@@ -181,12 +179,14 @@ def make_data(
     noise: float = 0.1,
     val_samples: int = 1024,
     val_batch_size: int = 256,
+    rank: int = 0,
 ) -> ShapesData:
-    """The data of one run: ``noise`` is the standard deviation of the per-pixel noise."""
+    """The data of one run: ``noise`` is the standard deviation of the per-pixel noise. The
+    harness passes ``rank`` under torchrun (each process draws its own stream)."""
     if image_size < 16:
         raise ValueError(f"image_size: {image_size} is too small to tell shapes apart; use >= 16")
     return ShapesData(
-        seed, device, micro_batch_size, image_size, noise, val_samples, val_batch_size
+        seed, device, micro_batch_size, image_size, noise, val_samples, val_batch_size, rank
     )
 
 
