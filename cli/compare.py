@@ -752,8 +752,7 @@ def _columns(metrics: Mapping[str, str]) -> list[Column]:
     cols = []
     for stage in ("final", "best"):
         for m, better in metrics.items():
-            built_in = m in EVAL_METRICS or m.startswith(TASK_ERROR)
-            fmt = ("{:.2f}" if m == "psnr" else "{:.4f}" if built_in else "{:.4g}").format
+            fmt = ("{:.2f}" if m == "psnr" else "{:.4f}").format
             value = _get(f"eval_{stage}", f"eval/{m}")
             cols.append(Column(f"{stage}/{m}", f"{stage} {m}", better, fmt, value))
     share, mean_cos = _get("conflict", "share"), _get("conflict", "mean_cosine")
@@ -1043,6 +1042,15 @@ def _report_head(title: str, scope: str, info: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _directions(better: Mapping[str, str]) -> str:
+    """"l1, mse: lower is better; ssim: higher" for the metrics of a report."""
+    low = [m for m, way in better.items() if way == "min"]
+    high = [m for m, way in better.items() if way == "max"]
+    parts = [f"{', '.join(low)}: lower is better"] if low else []
+    parts += [f"{', '.join(high)}: higher" + ("" if low else " is better")] if high else []
+    return "; ".join(parts)
+
+
 def render_report(summary: Mapping[str, Any]) -> str:
     """``report.md``: the table, what each entry changes, and whether the data matched."""
     seeds = summary["seeds"]
@@ -1054,7 +1062,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
     lines += [
         "",
         ("Mean ± std over the seeds; " if len(seeds) > 1 else "")
-        + "best value per column in bold (l1: lower is better; ssim, psnr, accuracy: higher). "
+        + f"best value per column in bold ({_directions(summary['better'])}). "
         "Final: the last evaluation; best: the best evaluation of the run. Wall time: seconds "
         "spent in training steps (evaluation excluded); s/step: median seconds per optimizer "
         "step (the first step, which pays one-time costs, left out); × sum: relative to `sum`. "
