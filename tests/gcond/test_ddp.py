@@ -7,14 +7,13 @@ the same model, losses and micro-batches.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.gcond import _ddp_worker as w
+from tests.gcond._ranks import run_ranks
 
 pytestmark = pytest.mark.slow  # integration: two gloo processes
 
@@ -25,15 +24,9 @@ TIMEOUT_S = 180  # a hang (ranks waiting in mismatched collectives) fails instea
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("ddp")
-    context = mp.start_processes(
-        w.run, args=(str(out),), nprocs=w.WORLD_SIZE, join=False, start_method="spawn"
+    run_ranks(
+        w.run, (str(out),), w.WORLD_SIZE, timeout_s=TIMEOUT_S, what=f"the {w.WORLD_SIZE} ranks"
     )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {w.WORLD_SIZE} ranks did not finish within {TIMEOUT_S} s (a hang)")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(w.WORLD_SIZE)]
 
 

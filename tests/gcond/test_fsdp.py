@@ -10,15 +10,14 @@ the ranks' data, check each rank's storage, the errors for what is not supported
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.gcond import _fsdp_worker as w
+from tests.gcond._ranks import run_ranks
 
 pytestmark = pytest.mark.slow  # integration: groups of gloo processes
 
@@ -29,15 +28,13 @@ def launch(job: str, world: int, out: Path) -> list[dict[str, Any]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = mp.start_processes(
-        w.run, args=(world, job, str(out), port), nprocs=world, join=False, start_method="spawn"
+    run_ranks(
+        w.run,
+        (world, job, str(out), port),
+        world,
+        timeout_s=TIMEOUT_S,
+        what=f"{job} on {world} ranks",
     )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{job} on {world} ranks did not finish within {TIMEOUT_S} s (a hang)")
     results = [torch.load(out / f"{job}{world}_rank{r}.pt") for r in range(world)]
     for r, result in enumerate(results):
         assert "error" not in result, f"rank {r}:\n{result['error']}"
