@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -177,7 +176,9 @@ def sharded_model(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_fsdp_run_checkpoints_its_shards_and_resumes_on_2_and_1_ranks(launches):
+def test_fsdp_run_checkpoints_its_shards_and_resumes(launches):
+    """The harness's side of a sharded run (the library's resume on 1 and on 2 ranks is in
+    tests/gcond/test_fsdp.py): shards in latest.dcp, and a resumed run ends as if never stopped."""
     root, started = launches
     code, output = started["fsdp"].wait()
     assert code == 0, output
@@ -188,9 +189,7 @@ def test_fsdp_run_checkpoints_its_shards_and_resumes_on_2_and_1_ranks(launches):
     started["fsdp_crash"].wait()
     [crashed] = run_dirs(started["fsdp_crash"])
     assert checkpoint(crashed)["step"] == 2
-    shutil.copytree(crashed, root / "c1")
     resumed = Launch(root, "fsdp_resume", "--resume", str(crashed))
-    on_one = Launch(root, "fsdp_resume1", "--resume", str(root / "c1"), nproc=1)
     code, output = resumed.wait()
     assert code == 0, output
     assert f"resuming {crashed} at step 2" in output
@@ -198,10 +197,6 @@ def test_fsdp_run_checkpoints_its_shards_and_resumes_on_2_and_1_ranks(launches):
     assert final.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(final[key], value), key
-    # On one rank the data stream is another (each rank draws its own shard): it runs on.
-    code, output = on_one.wait()
-    assert code == 0, output
-    assert checkpoint(root / "c1")["step"] == 4
 
 
 # ------------------------------------------------------------------------------ in this process

@@ -341,3 +341,23 @@ def test_a_trusted_folder_cannot_shadow_other_modules(tmp_path):
     assert str(tmp_path) in sys.path
     spec = importlib.machinery.PathFinder.find_spec("csv")
     assert spec is not None and not spec.origin.startswith(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_compare_and_bench_take_the_same_plugin_roots(cli, project):
+    out = _usage_error(cli("compare", "recipe.yaml", "--methods", "conductor,sum"))
+    assert "not under a plugin root" in out and not (project / "runs").exists()
+    result = cli(
+        "compare", "recipe.yaml", "--plugin", "mtl.py", "--methods", "conductor,sum", "--name", "c"
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((project / "runs/recipe/compare-c/summary.json").read_text())
+    # The user's metrics, each ranked the way eval.higher_is_better says.
+    assert summary["better"] == {"mae_a": "min", "mae_b": "min", "score": "max"}
+    assert set(summary["results"]["sum"]) >= {"final/mae_a", "final/score"}
+    result = cli(
+        "bench", "recipe.yaml", "--plugin", "mtl.py", "--methods", "conductor", "--steps", "1",
+        "--warmup", "1", "--rounds", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "micro-batches of 8, K=2 losses" in result.output
