@@ -1043,7 +1043,7 @@ def _report_head(title: str, scope: str, info: Mapping[str, Any]) -> list[str]:
 
 
 def _directions(better: Mapping[str, str]) -> str:
-    """"l1, mse: lower is better; ssim: higher" for the metrics of a report."""
+    """ "l1, mse: lower is better; ssim: higher" for the metrics of a report."""
     low = [m for m, way in better.items() if way == "min"]
     high = [m for m, way in better.items() if way == "max"]
     parts = [f"{', '.join(low)}: lower is better"] if low else []
