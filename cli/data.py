@@ -976,7 +976,29 @@ def build_val_batches(
     return batches
 
 
-class ImageData:
+class BuiltinData:
+    """A built-in data set as a run's data source (see ``run.py``): ``provider`` serves the
+    training micro-batches and keeps the data order's state, ``batches`` are the fixed
+    validation batches, ``task`` evaluates on them."""
+
+    provider: Any
+    batches: list[Any]
+    task: Any
+
+    def train(self) -> Any:
+        return self.provider
+
+    def val(self) -> list[Any]:
+        return self.batches
+
+    def state_dict(self) -> dict[str, int]:
+        return self.provider.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.provider.load_state_dict(state)
+
+
+class ImageData(BuiltinData):
     """A built-in image data set as a run's data source (see ``run.py``): the provider of
     augmented, masked training micro-batches and the fixed validation batches, evaluated on
     reconstruction metrics (and accuracy with labels)."""
@@ -1002,18 +1024,6 @@ class ImageData:
         )
         self.batches = build_val_batches(val_set, cfg, device, recipe.seed, recipe.eval.batch_size)
         self.task = SummedMetrics(eval_metrics, reconstruction_images, recipe.eval.num_images)
-
-    def train(self) -> DeviceDataProvider:
-        return self.provider
-
-    def val(self) -> list[tuple[tuple[Tensor, Tensor], dict[str, Tensor]]]:
-        return self.batches
-
-    def state_dict(self) -> dict[str, int]:
-        return self.provider.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.provider.load_state_dict(state)
 
 
 build_image_data = ImageData  # the registry's builder of the image data sets

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import _generator
+from .data import BuiltinData, _generator
 
 _TEACHER_KEY = "conflict-lab-teacher"
 _VAL_KEY = "conflict-lab-validation"
@@ -197,7 +197,7 @@ def lab_eval_sums(
     return sums
 
 
-class LabData:
+class LabData(BuiltinData):
     """The conflict lab as a run's data source (see ``run.py``): one task per loss."""
 
     def __init__(
@@ -217,18 +217,6 @@ class LabData:
         self.provider = LabProvider(self.problem, cfg, device, recipe.seed, rank=rank)
         self.batches = lab_val_batches(self.problem, cfg, device, recipe.eval.batch_size)
         self.task = SummedMetrics(partial(lab_eval_sums, problem=self.problem))
-
-    def train(self) -> LabProvider:
-        return self.provider
-
-    def val(self) -> list[tuple[Tensor, dict[str, Tensor]]]:
-        return self.batches
-
-    def state_dict(self) -> dict[str, int]:
-        return self.provider.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.provider.load_state_dict(state)
 
 
 build_lab_data = LabData  # the registry's builder of dataset conflict_lab

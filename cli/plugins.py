@@ -40,6 +40,7 @@ import inspect
 import json
 import sys
 import traceback
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -326,7 +327,7 @@ def _fits(value: Any, expected: Any) -> bool:
         return True
     if expected is type(None):
         return value is None
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_fits(value, arg) for arg in typing.get_args(expected))
     if origin is typing.Literal:
         return value in typing.get_args(expected)

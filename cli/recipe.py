@@ -49,6 +49,7 @@ from gcond._config import ConductorConfig as LibraryConductorConfig
 
 from .components import CHOICE_KEY, builtin, builtins, names, register
 from .errors import GcondError
+from .plugins import Target
 
 MAX_SIZE = 1_000_000  # sizes, widths, depths, batch sizes: anything larger is a typo
 MAX_COUNT = 1_000_000_000  # steps, sample counts, intervals
@@ -1051,9 +1052,9 @@ def _anchor_file_targets(recipe: Recipe, recipe_dir: Path) -> None:
         target = getattr(section, "target", None)
         if target is None:
             continue
-        where, _, attribute = target.rpartition(":")
-        if (where.endswith(".py") or "/" in where) and not Path(where).is_absolute():
-            section.target = f"{(recipe_dir / where).resolve()}:{attribute}"
+        parsed = Target.parse(target)
+        if parsed.is_file and not Path(parsed.where).is_absolute():
+            section.target = f"{(recipe_dir / parsed.where).resolve()}:{parsed.attribute}"
 
 
 def recipe_from_dict(

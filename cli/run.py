@@ -174,9 +174,8 @@ def build_data(
             console=console,
         )
     make = (targets or {})["data"]
-    extra = {"rank": rank, "world_size": world_size}
-    accepted = _keywords(make)
-    kwargs = {k: v for k, v in extra.items() if k in INJECTED["data"] and k in accepted}
+    accepted = _keywords(make)  # the harness's keywords (INJECTED) the function declares
+    kwargs = {k: v for k, v in {"rank": rank, "world_size": world_size}.items() if k in accepted}
     source = make(recipe.seed, device, **section.args, **kwargs)
     for method in ("train", "val"):
         if not callable(getattr(source, method, None)):
