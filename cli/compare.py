@@ -82,9 +82,17 @@ REPORT_FILE = "report.md"
 FIRST_BATCH_FILE = "first_batch.json"
 DEFAULT_METHODS = ("conductor", "sum")
 # Eval metrics of the table, and which way is better.
-EVAL_METRICS = {"l1": "min", "ssim": "max", "psnr": "max", "accuracy": "max", "mean_err": "min"}
+EVAL_METRICS = {
+    "l1": "min",
+    "ssim": "max",
+    "psnr": "max",
+    "accuracy": "max",
+    "mean_err": "min",
+    "mean_acc": "max",
+}
 USER_FILES = ("imagefolder", "cifar10", "stl10")  # data sets read from the user's files
 TASK_ERROR = "err_"  # the conflict lab's per-task errors, eval/err_<task>: lower is better
+TASK_ACCURACY = "acc_"  # multidigits' per-task accuracies, eval/acc_<task>: higher is better
 DEFAULT_BASELINE = "sum"
 _VARIANT_FORM = (
     "NAME:KEY=VALUE,KEY=VALUE, e.g. "
@@ -152,6 +160,8 @@ def metric_better(metric: str, recipe: Recipe | None = None) -> str:
     metrics improve downwards unless listed in the recipe's ``eval.higher_is_better``."""
     if recipe is not None and _user_metrics(recipe):
         return "max" if metric in recipe.eval.higher_is_better else "min"
+    if metric.startswith(TASK_ACCURACY):
+        return "max"
     return EVAL_METRICS.get(metric, "min")  # the lab's err_<task> and any error-like metric
 
 
@@ -165,7 +175,7 @@ def _shown_metrics(recipe: Recipe, present: set[str]) -> list[str]:
     if _user_metrics(recipe):
         return sorted(present)
     metrics = [m for m in EVAL_METRICS if m in present]
-    return metrics + sorted(m for m in present if m.startswith(TASK_ERROR))
+    return metrics + sorted(m for m in present if m.startswith((TASK_ERROR, TASK_ACCURACY)))
 
 
 def split_top_level(text: str, sep: str = ",") -> list[str]:

@@ -448,6 +448,82 @@ class TaskLossConfig(_Section):
             )
 
 
+# Multidigits (cli/digits.py): each task, named by its loss, and its number of classes.
+MULTIDIGITS_TASKS = {"left": 10, "right": 10, "parity": 2, "sum": 19}
+
+
+@builtin("data", "multidigits", build="digits:build_multidigits_data")
+class MultidigitsDataConfig(_Section):
+    """Two real handwritten digits side by side: left, right, and their sum's parity or sum."""
+
+    dataset: Literal["multidigits"]
+    source: Literal["sklearn", "mnist"] = "sklearn"  # sklearn: bundled 8×8 digits; mnist: 28×28
+    root: str | None = None  # mnist: the folder that holds MNIST/ (default ~/.cache/gcond/datasets)
+    download: bool = False  # mnist: fetch it into root
+    micro_batch_size: Size = 32  # pairs
+    val_samples: Count = 2000  # fixed validation pairs of held-out digits
+
+    def metrics(self, recipe: "Recipe") -> dict[str, str]:
+        """Each task's accuracy (`acc_<task>`) and their mean."""
+        return {**{f"acc_{name}": "max" for name in recipe.losses}, "mean_acc": "max"}
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        """Multidigits goes with its model (or the user's) and one loss per task."""
+        if not isinstance(recipe.model, MultidigitsCnnConfig | TargetConfig):
+            yield _Issue(
+                ("model",),
+                _choice_of(recipe.model),
+                "multidigits_cnn (or your own model) with data.dataset multidigits",
+            )
+        for name, loss in recipe.losses.items():
+            if not isinstance(loss, MultidigitsLossConfig | TargetConfig):
+                yield _Issue(
+                    ("losses", name),
+                    _choice_of(loss),
+                    "kind task_cross_entropy with data.dataset multidigits (one loss per task)",
+                )
+            elif name not in MULTIDIGITS_TASKS:
+                yield _Issue(
+                    ("losses", name),
+                    name,
+                    "a loss named after its multidigits task: " + ", ".join(MULTIDIGITS_TASKS),
+                )
+
+
+@builtin("model", "multidigits_cnn", build="digits:build_multidigits_cnn")
+class MultidigitsCnnConfig(_Section):
+    """A small CNN for multidigits: a shared conv trunk to z, one linear head per task."""
+
+    name: Literal["multidigits_cnn"]
+    width: Size = 32  # channels of the first convolutions (the last has twice as many)
+    dim: Size = 64  # the shared representation z
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        if not isinstance(recipe.data, MultidigitsDataConfig):
+            yield _Issue(
+                ("model", "name"),
+                "multidigits_cnn",
+                "a model other than multidigits_cnn (it is for data.dataset multidigits)",
+            )
+
+
+@builtin("loss", "task_cross_entropy", build="digits:build_task_cross_entropy")
+class MultidigitsLossConfig(_Section):
+    """Multidigits: the cross-entropy of the task of the loss's name."""
+
+    kind: Literal["task_cross_entropy"]
+    weight: NonNegative  # the loss's lambda
+
+    def recipe_issues(self, recipe: "Recipe", name: str) -> Iterator[_Issue]:
+        if not isinstance(recipe.data, MultidigitsDataConfig):
+            yield _Issue(
+                ("losses", name, "kind"),
+                "task_cross_entropy",
+                "a loss for data.dataset "
+                f"{_choice_of(recipe.data)} (task_cross_entropy is for data.dataset multidigits)",
+            )
+
+
 def _choice_of(section: Any) -> str | None:
     """What a component section is, in the recipe's words: its built-in name or its target."""
     if isinstance(section, TargetConfig):
