@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gcond import Gradients, Resolved, call_model, frozen_batchnorm, norm_cap_scales
+from gcond import Gradients, Resolved, autocast, call_model, frozen_batchnorm, norm_cap_scales
 
 from .methods import (
     LossFn,
@@ -338,10 +338,11 @@ class FAMOMethod(SumMethod):
         try:
             with torch.random.fork_rng(devices=devices), frozen_batchnorm(module, self.freeze_bn):
                 for x, target in batches:
-                    output = call_model(module, x)
-                    values = torch.stack(
-                        [self.loss_fns[k](output, target).float() for k in self.loss_names]
-                    )
+                    with autocast(self.device, self.autocast_dtype):  # as the step's forward
+                        output = call_model(module, x)
+                        values = torch.stack(
+                            [self.loss_fns[k](output, target).float() for k in self.loss_names]
+                        )
                     after += (values * self._lambdas)[self._active]
         finally:
             module.train(training)

@@ -14,6 +14,7 @@ are valid.
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -521,6 +522,34 @@ for _name, _build, _summary in (
     ("uncertainty", "peers:build_scalarised", "Kendall et al.'s learned log-variances"),
 ):
     register("method", _name, _build if ":" in _build else f"methods:{_build}", summary=_summary)
+
+# What a method needs beyond the harness: the modules, and the gcond extra that installs them.
+_TORCHJD_ONLY = (("torchjd",), "torchjd")
+_QUADPROG = (("torchjd", "quadprog", "qpsolvers"), "torchjd")
+METHOD_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    **dict.fromkeys(("pcgrad", "mgda", "alignedmtl", "imtlg", "config"), _TORCHJD_ONLY),
+    **dict.fromkeys(("geometric-mean", "famo"), _TORCHJD_ONLY),
+    **dict.fromkeys(("upgrad", "dualproj"), _QUADPROG),
+    "cagrad": (("torchjd", "cvxpy", "clarabel"), "cagrad"),
+    "nashmtl": (("torchjd", "cvxpy", "ecos"), "nashmtl"),
+}
+
+
+def missing_dependency(method: str) -> str | None:
+    """What ``method`` needs and is not installed, with the command that installs it; None when
+    nothing is missing. Looks the modules up without importing them (no torch)."""
+    modules, extra = METHOD_NEEDS.get(method, ((), ""))
+    missing = [name for name in modules if not _installed(name)]
+    if not missing:
+        return None
+    return f"method {method!r} needs {', '.join(missing)}: pip install 'gcond[{extra}]'"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ValueError, AttributeError):  # a module set to None in sys.modules (a test's stub)
+        return False
 
 
 class _ConductorSection(_Section):

@@ -326,3 +326,15 @@ def test_the_commands_exit_2_naming_what_to_install(
     result = runner.invoke(app, [*args, "schedule.max_steps=2", "schedule.warmup_steps=0"])
     assert result.exit_code == 2, result.output
     assert "gcond[torchjd]" in result.output
+
+
+def test_validate_exits_2_naming_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without importing anything: a module is looked up, not loaded."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "ecos" else real(n))
+    result = runner.invoke(app, ["validate", "conflict_lab", "conductor.method=nashmtl"])
+    assert result.exit_code == 2
+    assert "method 'nashmtl' needs ecos: pip install 'gcond[nashmtl]'" in result.output
+    assert runner.invoke(app, ["validate", "conflict_lab", "conductor.method=famo"]).exit_code == 0
