@@ -181,7 +181,7 @@ class DBMTLResolver:
         beta = self.beta / self.steps**self.beta_sigma
         self.ema.mul_(beta).add_(stack, alpha=1.0 - beta)
         stack.copy_(self.ema)
-        gradients.gram = (stack.double() @ stack.double().T).cpu()  # a host-device sync
+        gradients.gram = (stack @ stack.T).to("cpu", torch.float64)  # a host-device sync
         norms = gradients.norms
         top = max(norms)
         weights = torch.tensor([top / n if n > 0 else 0.0 for n in norms], dtype=torch.float64)
