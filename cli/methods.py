@@ -22,7 +22,7 @@ from gcond import GradientConductor, WeightingResolver, autocast, call_model, fr
 
 from .components import builtins, lookup, names
 from .losses import InitialScale, log_scaled
-from .recipe import SCALED_SUMS
+from .recipe import OWN_LOSS_SCALES
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 METHODS = names("method")  # registered in recipe.py, one table entry each
@@ -59,7 +59,8 @@ def build_method(
     loss_scale: str = "none",
 ) -> Method:
     """The method a recipe's ``conductor`` section names, with every parameter it sets, fed
-    the losses rescaled by ``loss_scale`` (``sum-log`` / ``sum-normalized`` set their own)."""
+    the losses rescaled by ``loss_scale`` (``sum-log``, ``sum-normalized`` and ``db-mtl`` set
+    their own)."""
     mode = effective_loss_scale(conductor_cfg.method, loss_scale)
     if mode == "log":
         loss_fns = {name: log_scaled(fn) for name, fn in loss_fns.items()}
@@ -80,8 +81,9 @@ def build_method(
 
 
 def effective_loss_scale(method: str, loss_scale: str) -> str:
-    """The loss scale a run trains with: the method's own for the scaled sums, else the recipe's."""
-    return SCALED_SUMS.get(method, loss_scale)
+    """The loss scale a run trains with: the method's own (the scaled sums, db-mtl), else the
+    recipe's."""
+    return OWN_LOSS_SCALES.get(method, loss_scale)
 
 
 def _build_method(
@@ -185,6 +187,9 @@ def torchjd_aggregator(name: str) -> Any:
         "upgrad": aggregation.UPGrad,
         "mgda": aggregation.MGDA,
         "cagrad": lambda: aggregation.CAGrad(c=CAGRAD_C),
+        "alignedmtl": aggregation.AlignedMTL,
+        "imtlg": aggregation.IMTLG,
+        "dualproj": aggregation.DualProj,
     }
     try:
         return builders[name]()
@@ -194,6 +199,10 @@ def torchjd_aggregator(name: str) -> Any:
 
 def method_unavailable(name: str) -> str | None:
     """Why ``name`` cannot run here (a missing optional dependency), or None if it can."""
+    if lookup("method", name).build.startswith("peers:"):
+        from .peers import peer_unavailable
+
+        return peer_unavailable(name)
     if name not in TORCHJD_METHODS:
         return None
     try:
@@ -279,7 +288,7 @@ class SumMethod:
                         [self.loss_fns[k](output, target).float() for k in self.loss_names]
                     )
                 sums += values.detach()
-                total = (values * self._lambdas).sum() / n
+                total = self.objective(values) / n
                 if self.scaler is not None:
                     total = self.scaler.scale(total)
                 sync = i == n - 1 or not hasattr(self.model, "no_sync")
@@ -304,6 +313,11 @@ class SumMethod:
         stats["skipped"] = float(skipped)
         stats["step"] = float(self._step)
         return stats
+
+    def objective(self, values: torch.Tensor) -> torch.Tensor:
+        """What one micro-batch's backward differentiates, from its K loss values: ``Σ λ_k L_k``
+        (the scalarising peers in ``peers.py`` change only this)."""
+        return (values * self._lambdas).sum()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step}

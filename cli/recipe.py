@@ -14,6 +14,7 @@ are valid.
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -56,6 +57,10 @@ MAX_COUNT = 1_000_000_000  # steps, sample counts, intervals
 RESERVED_LOSS_NAMES = ("total",)  # `loss/total` is the weighted sum in the conductor's stats
 # The scale-only baselines: plain accumulation (`sum`) of the losses rescaled by `loss_scale`.
 SCALED_SUMS = {"sum-log": "log", "sum-normalized": "initial"}
+# Every method that sets the losses' scale itself: the scaled sums, and DB-MTL (log L_k).
+OWN_LOSS_SCALES = {**SCALED_SUMS, "db-mtl": "log"}
+# The methods that take the log of the losses themselves: they need L_k > 0, which log L_k is not.
+LOG_TAKING = ("geometric-mean", "famo")
 IMAGE_DATASETS = ("embedded", "faces", "cifar10", "stl10", "imagefolder", "synthetic")
 # A reference to the user's code: "package.module:attr.path" or "path/file.py:attr.path".
 TARGET_PATTERN = r"[^:\s][^:]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
@@ -581,8 +586,46 @@ for _name, _build, _summary in (
     ("upgrad", "build_torchjd", "TorchJD's UPGrad (pip install 'gcond[torchjd]')"),
     ("mgda", "build_torchjd", "TorchJD's MGDA (pip install 'gcond[torchjd]')"),
     ("cagrad", "build_torchjd", "TorchJD's CAGrad (pip install 'gcond[torchjd,cagrad]')"),
+    # The peers of issue 18 (peers.py); the last three scalarise: one backward per micro-batch.
+    ("alignedmtl", "build_torchjd", "TorchJD's Aligned-MTL (pip install 'gcond[torchjd]')"),
+    ("imtlg", "build_torchjd", "TorchJD's IMTL-G (pip install 'gcond[torchjd]')"),
+    ("dualproj", "build_torchjd", "TorchJD's DualProj (pip install 'gcond[torchjd]')"),
+    ("config", "peers:build_torchjd_matrix", "TorchJD's ConFIG (pip install 'gcond[torchjd]')"),
+    ("nashmtl", "peers:build_torchjd_matrix", "TorchJD's NashMTL (pip install 'gcond[nashmtl]')"),
+    ("db-mtl", "peers:build_dbmtl", "DB-MTL: log losses, gradient EMAs rescaled to the largest"),
+    ("geometric-mean", "peers:build_scalarised", "TorchJD's GeometricMean of the losses"),
+    ("famo", "peers:build_scalarised", "TorchJD's FAMO (1 backward + 1 forward per micro-batch)"),
+    ("uncertainty", "peers:build_scalarised", "Kendall et al.'s learned log-variances"),
 ):
-    register("method", _name, f"methods:{_build}", summary=_summary)
+    register("method", _name, _build if ":" in _build else f"methods:{_build}", summary=_summary)
+
+# What a method needs beyond the harness: the modules, and the gcond extra that installs them.
+_TORCHJD_ONLY = (("torchjd",), "torchjd")
+_QUADPROG = (("torchjd", "quadprog", "qpsolvers"), "torchjd")
+METHOD_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    **dict.fromkeys(("pcgrad", "mgda", "alignedmtl", "imtlg", "config"), _TORCHJD_ONLY),
+    **dict.fromkeys(("geometric-mean", "famo"), _TORCHJD_ONLY),
+    **dict.fromkeys(("upgrad", "dualproj"), _QUADPROG),
+    "cagrad": (("torchjd", "cvxpy", "clarabel"), "cagrad"),
+    "nashmtl": (("torchjd", "cvxpy", "ecos"), "nashmtl"),
+}
+
+
+def missing_dependency(method: str) -> str | None:
+    """What ``method`` needs and is not installed, with the command that installs it; None when
+    nothing is missing. Looks the modules up without importing them (no torch)."""
+    modules, extra = METHOD_NEEDS.get(method, ((), ""))
+    missing = [name for name in modules if not _installed(name)]
+    if not missing:
+        return None
+    return f"method {method!r} needs {', '.join(missing)}: pip install 'gcond[{extra}]'"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ValueError, AttributeError):  # a module set to None in sys.modules (a test's stub)
+        return False
 
 
 class _ConductorSection(_Section):
@@ -753,6 +796,21 @@ class Recipe(_Section):
                 f"'none' or '{SCALED_SUMS[method]}' with conductor.method {method} (which is "
                 f"sum with loss_scale {SCALED_SUMS[method]}); for sum with loss_scale "
                 f"{self.loss_scale}, use conductor.method: sum",
+            )
+        own = OWN_LOSS_SCALES.get(method)
+        if method not in SCALED_SUMS and own and self.loss_scale not in ("none", own):
+            yield _Issue(
+                ("loss_scale",),
+                self.loss_scale,
+                f"'none' or '{own}' with conductor.method {method} (which trains with "
+                f"loss_scale {own} itself)",
+            )
+        if method in LOG_TAKING and self.loss_scale == "log":
+            yield _Issue(
+                ("loss_scale",),
+                self.loss_scale,
+                f"'none' or 'initial' with conductor.method {method} (which takes the log of "
+                "the losses itself, and log L_k can be negative)",
             )
         yield from self._metric_issues()
         if self.eval.args and self.eval.target is None:

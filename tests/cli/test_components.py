@@ -51,6 +51,15 @@ def test_the_built_ins_by_kind():
         "upgrad",
         "mgda",
         "cagrad",
+        "alignedmtl",
+        "imtlg",
+        "dualproj",
+        "config",
+        "nashmtl",
+        "db-mtl",
+        "geometric-mean",
+        "famo",
+        "uncertainty",
     )
     assert [lookup("model", n).section for n in names("model")] == [
         MaeVitConfig,
