@@ -12,10 +12,35 @@ from torch import nn
 from gcond_cli.methods import build_method, method_unavailable
 from gcond_cli.recipe import ConductorConfig
 
-METHODS = ["conductor", "conductor-stochastic", "sum", "pcgrad", "upgrad", "mgda", "cagrad"]
+# A method, or a method with conductor options on top ("name+option").
+OPTIONS = {
+    "equalized": {"norm_equalization": "max", "norm_equalization_beta": 0.5},
+    "bounded": {"dominance_rule": "bounded", "dominance_window": 1},
+}
+METHODS = [
+    "conductor",
+    "conductor-stochastic",
+    "sum",
+    "pcgrad",
+    "upgrad",
+    "mgda",
+    "cagrad",
+    "conductor+equalized",
+    "conductor+bounded",
+    "upgrad+equalized",
+]
 # Order of the losses: stochastic mode gives micro-batch i to loss i mod K, so the order picks
 # which data each loss sees; PCGrad projects in a random order. The others promise invariance.
-ORDER_FREE = ["conductor", "sum", "upgrad", "mgda", "cagrad"]
+ORDER_FREE = [
+    "conductor",
+    "sum",
+    "upgrad",
+    "mgda",
+    "cagrad",
+    "conductor+equalized",
+    "conductor+bounded",
+    "upgrad+equalized",
+]
 LOSS_NAMES = ["fit", "away", "l1"]
 
 
@@ -39,6 +64,7 @@ def _provider():
 
 
 def _method(name: str, order=LOSS_NAMES, scale: float = 1.0):
+    name, _, option = name.partition("+")
     reason = method_unavailable(name)
     if reason:
         pytest.skip(reason)
@@ -46,7 +72,7 @@ def _method(name: str, order=LOSS_NAMES, scale: float = 1.0):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     fns = _losses()
     lambdas = {"fit": 1.0, "away": 0.4, "l1": 0.3}
-    cfg = ConductorConfig(method=name, accumulation_steps=3)
+    cfg = ConductorConfig(method=name, accumulation_steps=3, **OPTIONS.get(option, {}))
     method = build_method(
         cfg,
         model,
