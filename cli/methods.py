@@ -153,7 +153,13 @@ def build_torchjd(
 ) -> Method:
     """A TorchJD aggregator as the conductor's resolver: it shares the conductor's accumulation,
     momentum and write-back (the resolution settings are then unused)."""
-    resolver = TorchJDResolver(torchjd_aggregator(cfg.method), norm_cap=cfg.norm_cap)
+    resolver = TorchJDResolver(
+        torchjd_aggregator(cfg.method),
+        norm_cap=cfg.norm_cap,
+        norm_equalization=cfg.norm_equalization,
+        norm_equalization_beta=cfg.norm_equalization_beta,
+        loss_names=list(loss_fns),
+    )
     return build_conductor(
         cfg,
         model,
@@ -221,8 +227,8 @@ class TorchJDResolver(WeightingResolver):
     stays as it is under the other methods; the stream is part of the conductor's state.
     """
 
-    def __init__(self, aggregator: Any, *, norm_cap: float | None = None) -> None:
-        super().__init__(self._weigh, norm_cap=norm_cap)
+    def __init__(self, aggregator: Any, **options: Any) -> None:
+        super().__init__(self._weigh, **options)
         self.aggregator = aggregator
         self.rng_state = torch.Generator().manual_seed(torch.initial_seed()).get_state()
 
@@ -234,9 +240,10 @@ class TorchJDResolver(WeightingResolver):
         return weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {"aggregator_rng": self.rng_state.clone()}
+        return {**super().state_dict(), "aggregator_rng": self.rng_state.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
         self.rng_state = state["aggregator_rng"].clone()
 
     def __repr__(self) -> str:

@@ -14,6 +14,11 @@ class Arbitrator:
     *strength* (its gradient norm relative to its own EMA), and remembers recent winners so a loss
     that won the last ``dominance_window`` arbitrations wins the next one outright.
 
+    With ``dominance_rule="sticky"`` (the original rule) an outright win extends the streak that
+    earned it, so a loss that won ``dominance_window`` arbitrations in a row wins every later one
+    as long as conflicts go on. With ``"bounded"`` a streak earns at most ``dominance_window``
+    outright wins; then the history is cleared and the scores decide again.
+
     Scores are set once per step from the raw accumulated gradients, before any projection, so a
     decision depends on the step's data and the history, not on the order of projections.
     """
@@ -26,9 +31,16 @@ class Arbitrator:
         tie_breaking_weights: tuple[float, float] = (0.8, 0.2),
         norm_ema_beta: float = 0.95,
         eps: float = 1e-8,
+        dominance_rule: str = "sticky",
     ) -> None:
+        if dominance_rule not in ("sticky", "bounded"):
+            raise ValueError(
+                f"dominance_rule must be 'sticky' or 'bounded', got {dominance_rule!r}"
+            )
         self.num_losses = num_losses
         self.dominance_window = dominance_window
+        self.dominance_rule = dominance_rule
+        self.outright = 0  # outright wins in a row (the bounded rule's count)
         self.stability_weight, self.strength_weight = tie_breaking_weights
         self.norm_ema_beta = norm_ema_beta
         self.eps = eps
@@ -73,10 +85,16 @@ class Arbitrator:
 
         An exact tie goes to the loss listed first (the lower index).
         """
+        bounded = self.dominance_rule == "bounded"
+        if bounded and self.outright >= self.dominance_window:
+            self.history.clear()  # the streak has had its outright wins
+            self.outright = 0
         dominant = self.dominant()
         if dominant in (i, j):
             winner, by_dominance = dominant, True
+            self.outright += bounded
         else:
+            self.outright = 0
             si, sj = self.score(i, j), self.score(j, i)
             winner = i if si > sj else j if sj > si else min(i, j)
             by_dominance = False
@@ -89,7 +107,7 @@ class Arbitrator:
             "norm_ema": torch.tensor([e or 0.0 for e in self.norm_ema], dtype=torch.float64),
             "norm_ema_initialised": torch.tensor(initialised, dtype=torch.bool),
             "history": torch.tensor(list(self.history), dtype=torch.int64),
-        }
+        } | ({"outright": torch.tensor(self.outright)} if self.dominance_rule == "bounded" else {})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         emas = state["norm_ema"].tolist()
@@ -97,10 +115,16 @@ class Arbitrator:
         self.norm_ema = [e if f else None for e, f in zip(emas, flags, strict=True)]
         self.history.clear()
         self.history.extend(int(w) for w in state["history"].tolist())
+        self.outright = int(state["outright"]) if "outright" in state else 0
 
     def __repr__(self) -> str:
         return (
             f"Arbitrator(num_losses={self.num_losses}, dominance_window={self.dominance_window}, "
             f"tie_breaking_weights=({self.stability_weight}, {self.strength_weight}), "
-            f"norm_ema_beta={self.norm_ema_beta}, eps={self.eps})"
+            f"norm_ema_beta={self.norm_ema_beta}, eps={self.eps}"
+            + (
+                f", dominance_rule={self.dominance_rule!r})"
+                if self.dominance_rule != "sticky"
+                else ")"
+            )
         )

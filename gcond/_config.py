@@ -61,10 +61,18 @@ class ConductorConfig:
     * ``projection_max_iters``: most resolution iterations per step; ``None`` = 2·K.
     * ``dominance_window``: a loss that won the last this-many arbitrations wins the next one
       outright; 0 turns the rule off.
+    * ``dominance_rule``: ``"sticky"`` (default, the original rule: outright wins extend the
+      streak, so a dominant loss keeps winning while conflicts go on) or ``"bounded"`` (a streak
+      earns at most ``dominance_window`` outright wins, then the scores decide again).
     * ``tie_breaking_weights``: ``(stability, strength)`` weights of the arbitrator's score,
       ≥ 0 with a positive sum.
     * ``norm_ema_beta``: EMA factor of each loss's gradient norm (the strength score), in [0, 1).
     * ``norm_cap``: cap on each raw per-loss gradient's norm before resolution; ``None`` = none.
+    * ``norm_equalization``: ``"max"`` rescales each per-loss gradient before resolution so that
+      its norm (an EMA over steps of it) equals the largest one's, as DB-MTL does; ``"off"``
+      (default) leaves the norms as they are.
+    * ``norm_equalization_beta``: EMA factor over steps of each loss's gradient norm that
+      ``norm_equalization`` equalises, in [0, 1); 0 = this step's norms.
     * ``momentum_beta``: the conductor's own momentum, in [0, 1); 0 = off (the optimizer keeps
       its own).
     * ``use_lion``: write ``sign`` of the momentum (needs ``momentum_beta`` > 0).
@@ -92,9 +100,12 @@ class ConductorConfig:
     conflict_thresholds: tuple[float, float, float] = (-0.8, -0.5, 0.0)
     projection_max_iters: int | None = None
     dominance_window: int = 3
+    dominance_rule: Literal["sticky", "bounded"] = "sticky"
     tie_breaking_weights: tuple[float, float] = (0.8, 0.2)
     norm_ema_beta: float = 0.95
     norm_cap: float | None = None
+    norm_equalization: Literal["off", "max"] = "off"
+    norm_equalization_beta: float = 0.9
     momentum_beta: float = 0.0
     use_lion: bool = False
     trust_ratio_coef: float | None = None
@@ -115,7 +126,14 @@ class ConductorConfig:
         # Tuples of floats, whatever sequence of numbers was given.
         for name in ("conflict_thresholds", "tie_breaking_weights"):
             object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
-        for name in ("norm_ema_beta", "momentum_beta", "trust_ratio_clip", "remap_power", "eps"):
+        for name in (
+            "norm_ema_beta",
+            "norm_equalization_beta",
+            "momentum_beta",
+            "trust_ratio_clip",
+            "remap_power",
+            "eps",
+        ):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
@@ -134,7 +152,15 @@ class ConductorConfig:
     def problems(self) -> Iterator[ConfigProblem]:
         """Every bad value, field by field, then the rules between fields."""
         yield from _int(self, "accumulation_steps", low=1)
-        for name in ("accumulation", "resolution", "grad_dtype", "ddp_sync", "per_loss_backward"):
+        for name in (
+            "accumulation",
+            "resolution",
+            "dominance_rule",
+            "norm_equalization",
+            "grad_dtype",
+            "ddp_sync",
+            "per_loss_backward",
+        ):
             yield from _choice(self, name, _choices(name))
         yield from _reals(self, "conflict_thresholds", 3, low=-1.0, high=1.0)
         yield from _int(self, "projection_max_iters", low=0, allow_none=True)
@@ -142,6 +168,7 @@ class ConductorConfig:
         yield from _reals(self, "tie_breaking_weights", 2, low=0.0)
         yield from _real(self, "norm_ema_beta", low=0.0, high=1.0, high_open=True)
         yield from _real(self, "norm_cap", low=0.0, low_open=True, allow_none=True)
+        yield from _real(self, "norm_equalization_beta", low=0.0, high=1.0, high_open=True)
         yield from _real(self, "momentum_beta", low=0.0, high=1.0, high_open=True)
         yield from _real(self, "trust_ratio_coef", low=0.0, low_open=True, allow_none=True)
         yield from _real(self, "trust_ratio_clip", low=0.0, low_open=True)

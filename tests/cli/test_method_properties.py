@@ -26,10 +26,26 @@ PEERS = [
     "famo",
     "uncertainty",
 ]
-METHODS = ["conductor", "conductor-stochastic", "sum", "pcgrad", "upgrad", "mgda", "cagrad", *PEERS]
+# A method, or a method with conductor options on top ("name+option").
+OPTIONS = {
+    "equalized": {"norm_equalization": "max", "norm_equalization_beta": 0.5},
+    "bounded": {"dominance_rule": "bounded", "dominance_window": 1},
+}
+WITH_OPTIONS = ["conductor+equalized", "conductor+bounded", "upgrad+equalized"]
+METHODS = [
+    "conductor",
+    "conductor-stochastic",
+    "sum",
+    "pcgrad",
+    "upgrad",
+    "mgda",
+    "cagrad",
+    *PEERS,
+    *WITH_OPTIONS,
+]
 # Order of the losses: stochastic mode gives micro-batch i to loss i mod K, so the order picks
 # which data each loss sees; PCGrad projects in a random order. The others promise invariance.
-ORDER_FREE = ["conductor", "sum", "upgrad", "mgda", "cagrad", *PEERS]
+ORDER_FREE = ["conductor", "sum", "upgrad", "mgda", "cagrad", *PEERS, *WITH_OPTIONS]
 # NashMTL's weights solve G·α = 1/α, so scaling every gradient by c scales α by 1/c: its update
 # does not grow with λ (and TorchJD caps its norm at 1).
 SCALE_WITH_LAMBDA = [m for m in METHODS if m != "nashmtl"]
@@ -56,6 +72,7 @@ def _provider():
 
 
 def _method(name: str, order=LOSS_NAMES, scale: float = 1.0):
+    name, _, option = name.partition("+")
     reason = method_unavailable(name)
     if reason:
         pytest.skip(reason)
@@ -63,7 +80,7 @@ def _method(name: str, order=LOSS_NAMES, scale: float = 1.0):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     fns = _losses()
     lambdas = {"fit": 1.0, "away": 0.4, "l1": 0.3}
-    cfg = ConductorConfig(method=name, accumulation_steps=3)
+    cfg = ConductorConfig(method=name, accumulation_steps=3, **OPTIONS.get(option, {}))
     method = build_method(
         cfg,
         model,

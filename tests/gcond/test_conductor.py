@@ -224,6 +224,18 @@ def test_norm_cap_rescales_before_resolution_but_reports_raw():
     assert_close_list(grad_of(model), [1.0, 0.5, 0.0])
 
 
+def test_norm_equalization_writes_the_equalised_sum_and_reports_raw_norms():
+    # g_a = (1, 0, 0), g_b = (0, 4, 3): norms 1 and 5, orthogonal. First step: s = (5, 1), so
+    # p.grad = 5·g_a + g_b = (5, 4, 3). Second step, same gradients: the EMAs stay (1, 5).
+    model, cond = conductor_for([1, 0, 0], [0, 4, 3], norm_equalization="max")
+    stats = cond.step(constant_provider())
+    assert stats["raw_norm/a"] == 1.0 and stats["norm_scale/a"] == 5.0
+    assert stats["norm_scale/b"] == 1.0
+    assert grad_of(model) == [5.0, 4.0, 3.0]
+    cond.step(constant_provider())
+    assert grad_of(model) == [5.0, 4.0, 3.0]
+
+
 def test_loss_statistics_are_unweighted_means_and_total_is_weighted():
     model = Theta([1.0, 2.0])
     cond = GradientConductor(model, {"a": data_dot, "b": dot([1.0, 0.0])}, {"a": 0.5, "b": 2.0}, 2)
@@ -755,19 +767,24 @@ def run_steps(model, cond, optimizer, data, start, count):
     return grads
 
 
-def make_stateful(seed=0):
+def make_stateful(seed=0, **options):
     torch.manual_seed(seed)
     model = SmallNet()
     cond = GradientConductor(
-        model, {"mse": mse, "l1": l1}, {"mse": 0.5, "l1": 0.5}, 2, momentum_beta=0.9
+        model, {"mse": mse, "l1": l1}, {"mse": 0.5, "l1": 0.5}, 2, momentum_beta=0.9, **options
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.0, 0.95))
     return model, cond, optimizer
 
 
-def test_state_dict_round_trip_is_bit_identical():
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"norm_equalization": "max", "dominance_rule": "bounded", "dominance_window": 1}],
+    ids=["default", "equalized-bounded"],
+)
+def test_state_dict_round_trip_is_bit_identical(options):
     data = [batches(2, seed=s) for s in range(5)]
-    model, cond, optimizer = make_stateful()
+    model, cond, optimizer = make_stateful(**options)
     run_steps(model, cond, optimizer, data, 0, 3)
     buffer = io.BytesIO()
     torch.save(
@@ -776,7 +793,7 @@ def test_state_dict_round_trip_is_bit_identical():
     )
     uninterrupted = run_steps(model, cond, optimizer, data, 3, 2)
 
-    model2, cond2, optimizer2 = make_stateful(seed=1)  # different init: everything must load
+    model2, cond2, optimizer2 = make_stateful(seed=1, **options)  # other init: all must load
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     model2.load_state_dict(saved["model"])
@@ -835,6 +852,9 @@ def _good_kwargs():
         ("tie_breaking_weights", (-1.0, 2.0), ValueError),
         ("norm_ema_beta", 1.0, ValueError),
         ("norm_cap", 0.0, ValueError),
+        ("norm_equalization", "mean", ValueError),
+        ("norm_equalization_beta", 1.0, ValueError),
+        ("dominance_rule", "none", ValueError),
         ("momentum_beta", 1.0, ValueError),
         ("momentum_beta", -0.1, ValueError),
         ("use_lion", True, ValueError),  # needs momentum_beta > 0
