@@ -9,6 +9,7 @@ weighting of the Gram matrix such as one of TorchJD's aggregators
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -67,22 +68,51 @@ class ConflictResolver:
         )
 
     def resolve(self, gradients: Gradients) -> Resolved:
-        cfg, names = self.config, self.loss_names
         norms = gradients.norms
         # Scores are set once per step, from the raw gradients (before cap and projections).
         self.arbitrator.observe(norms, gradients.prev_cosines)
+        resolved = self._resolve(gradients.gram, norms, self.arbitrator.pick)
+        for name, n, ema in zip(self.loss_names, norms, self.arbitrator.norm_ema, strict=True):
+            resolved.stats[f"norm_ema/{name}"] = float(ema if ema is not None else n)
+        return resolved
+
+    def decide(self, gram: torch.Tensor) -> Resolved:
+        """Representation mode: one micro-batch's merge weights from its Gram matrix, by the
+        arbitrator as it stood at the start of the step. Nothing is recorded, so every DDP rank
+        decides its micro-batches from the same state; :meth:`settle` updates it once a step.
+        Strength is each norm against its EMA; stability is 0 (the representation gradients of
+        two steps are of different samples: no cosine between them)."""
+        norms = [math.sqrt(max(x, 0.0)) for x in gram.diagonal().tolist()]
+        strength = self.arbitrator.strengths(norms)
+        stability = [0.0] * len(norms)
+        return self._resolve(
+            gram, norms, lambda i, j: self.arbitrator.decide(i, j, strength, stability)
+        )
+
+    def settle(self, norms: Sequence[float], wins: Sequence[float]) -> None:
+        """End of a representation-mode step: the norm EMAs take the step's norms, and the loss
+        that won the most of the step's arbitrations (the lower index on a tie) joins the winner
+        history, once; nothing joins it when no pair was arbitrated."""
+        self.arbitrator.observe(norms, None)
+        if max(wins, default=0.0) > 0:
+            self.arbitrator.history.append(max(range(len(wins)), key=lambda k: (wins[k], -k)))
+
+    def _resolve(
+        self, gram: torch.Tensor, norms: list[float], pick: Callable[[int, int], tuple[int, bool]]
+    ) -> Resolved:
+        cfg, names = self.config, self.loss_names
         wins = dict.fromkeys(names, 0)
         dominance = 0
 
         def arbitrate(i: int, j: int) -> int:
             nonlocal dominance
-            winner, by_dominance = self.arbitrator.pick(i, j)
+            winner, by_dominance = pick(i, j)
             wins[names[winner]] += 1
             dominance += by_dominance
             return winner
 
         res = resolve_gram(
-            gradients.gram,
+            gram,
             cfg.conflict_thresholds,
             max_iters=cfg.projection_max_iters,
             mode=cfg.resolution,
@@ -97,8 +127,6 @@ class ConflictResolver:
         for name in names:
             stats[f"wins/{name}"] = float(wins[name])
         stats["dominance"] = float(dominance)
-        for name, n, ema in zip(names, norms, self.arbitrator.norm_ema, strict=True):
-            stats[f"norm_ema/{name}"] = float(ema if ema is not None else n)
         return Resolved(res.merge_weights, stats)
 
     def state_dict(self) -> dict[str, Any]:
