@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -62,7 +63,14 @@ from .methods import (
     per_loss_backward_mode,
 )
 from .plugins import PluginRoots, resolve_references
-from .recipe import ImageDataConfig, Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from .recipe import (
+    ImageDataConfig,
+    LabDataConfig,
+    Recipe,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+)
 from .run import build_data, build_parts
 from .tasks import batch_size
 from .train import EXIT_OK, build_optimizer, resolve_device, resolve_precision
@@ -121,6 +129,29 @@ WORKLOADS: dict[str, dict] = {
         "conv_convnext_128", 128, 32, 16, {"name": "masked_conv", "backbone": "convnext_tiny"}
     ),
     "tiny": _workload("tiny", 16, 4, 4, TINY_VIT, n=2),
+    # K cheap heads on a shared MLP trunk that is most of the compute (the conflict lab's model):
+    # for the cost per step against K (``--losses K``) of full mode, stochastic accumulation,
+    # conductor.gradients_at=representation and conductor.resolve_every=R.
+    "heads": {
+        "name": "heads",
+        "seed": 0,
+        "device": "cpu",
+        "data": {
+            "dataset": "conflict_lab",
+            "micro_batch_size": 256,
+            "val_samples": 1,
+            "lab": {"direction": -0.5, "input_dim": 256, "output_dim": 16},
+        },
+        "model": {"name": "lab_mlp", "dim": 1024, "depth": 4},
+        "losses": {
+            "t1": {"kind": "task_mse", "weight": 0.5},
+            "t2": {"kind": "task_mse", "weight": 0.5},
+        },
+        "conductor": {"accumulation_steps": 4},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "schedule": {"max_steps": 1, "warmup_steps": 0},
+        "checkpoint": {"best_metric": "eval/mean_err", "best_mode": "min"},
+    },
 }
 
 
@@ -169,9 +200,12 @@ def bench_recipe(
     options += [f"model.depth={depth}"] if depth else []
     resolved = recipe_from_dict(raw, [*overrides, *options])
     data = resolved.data
-    if not isinstance(data, ImageDataConfig):  # the lab's or the user's data: measured as it is
+    if isinstance(data, LabDataConfig) and losses:  # K tasks of the lab, one head each
+        tasks = {f"t{k + 1}": {"kind": "task_mse", "weight": 1.0 / losses} for k in range(losses)}
+        return recipe_from_dict(recipe_to_dict(resolved), ["losses=" + json.dumps(tasks)])
+    if not isinstance(data, ImageDataConfig):  # the user's data: measured as it is
         if losses:
-            raise UsageError("--losses: only for recipes on an image data set")
+            raise UsageError("--losses: only for recipes on an image data set or the lab")
         return resolved
     synthetic = [
         "data.dataset=synthetic",
@@ -473,7 +507,7 @@ class MethodRun:
         resolution = self.clock.seconds("accumulated", "finished") if timed_apart else 0.0
         self.parts["resolution"].append(resolution)
         self.parts["optimizer"].append(self.clock.seconds("method", "end"))
-        if "min_cosine_sim" in stats:
+        if not math.isnan(stats.get("min_cosine_sim", math.nan)):  # NaN: weights reused
             self.cosines.append(stats["min_cosine_sim"])
             self.iters.append(stats.get("proj_iters", 0.0))
 
@@ -487,6 +521,9 @@ class MethodRun:
             "method": self.name,
             "step_ms": 1000 * medians["step"],
             "step_ms_all": [1000 * t for t in self.parts["step"]],
+            # With conductor.resolve_every = R the steps differ (one full in R): the mean over a
+            # multiple of R steps is the cost per step, the median is a step between.
+            "step_ms_mean": 1000 * statistics.fmean(self.parts["step"]),
             "accumulation_ms": 1000 * medians["accumulation"],
             "resolution_ms": 1000 * medians["resolution"],
             "optimizer_ms": 1000 * medians["optimizer"],
@@ -497,7 +534,9 @@ class MethodRun:
             "conflict_steps": sum(c < weak for c in self.cosines) if self.cosines else None,
             "proj_iters_mean": statistics.fmean(self.iters) if self.iters else None,
         }
-        if self.conductor is not None:
+        # In representation mode the resolution runs per micro-batch, inside the accumulation
+        # timing; there are no K×P accumulators to time it on made-up gradients.
+        if self.conductor is not None and self.conductor.config.gradients_at == "parameters":
             steps = len(self.parts["step"])
             conflict = _conflict_timing(self.conductor, self.device, max(3, min(steps, 10)))
             result["resolution_conflict_ms"] = 1000 * conflict["seconds"]

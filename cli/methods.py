@@ -21,6 +21,7 @@ from torch import nn
 from gcond import GradientConductor, WeightingResolver, autocast, call_model, frozen_batchnorm
 
 from .components import builtins, lookup, names
+from .errors import UsageError
 from .losses import InitialScale, log_scaled
 from .recipe import OWN_LOSS_SCALES
 
@@ -131,15 +132,33 @@ def build_conductor(
     resolver: Any = None,
 ) -> Method:
     """The conductor with every setting of the recipe's ``conductor`` section."""
+    config = cfg.library_config()
     return GradientConductor(
         model,
         loss_fns,
         lambdas,
-        config=cfg.library_config(),
+        config=config,
         autocast_dtype=autocast_dtype,
         scaler=scaler,
         resolver=resolver,
+        split=model_split(model) if config.gradients_at == "representation" else None,
     )
+
+
+def model_split(model: nn.Module) -> tuple[Any, Any]:
+    """``(model.trunk, model.heads)`` for ``conductor.gradients_at: representation``; a model
+    without both is the user's to fix (exit 2)."""
+    module = getattr(model, "module", model)  # under DDP, the wrapped model
+    trunk, heads = getattr(module, "trunk", None), getattr(module, "heads", None)
+    if not (callable(trunk) and callable(heads)):
+        raise UsageError(
+            f"conductor.gradients_at: representation needs the model ({type(module).__name__}) "
+            "to say where its shared trunk ends: add trunk(x) and heads(z) to your model, with "
+            "trunk(x) -> z (one tensor, the representation the losses share), heads(z) -> the "
+            "output the losses receive, and model(x) == heads(trunk(x)); or leave "
+            "conductor.gradients_at at parameters"
+        )
+    return trunk, heads
 
 
 def build_torchjd(

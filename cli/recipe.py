@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import (
     Annotated,
     Any,
+    ClassVar,
     Literal,
     NamedTuple,
     Union,
@@ -303,6 +304,8 @@ class _ImageModel(_Section):
     """Models of the image data sets: `(images, patch_mask)` in, `{"recon", "logits"}` out."""
 
     num_classes: int = Field(0, ge=0, le=MAX_SIZE)  # > 0 adds a classification head ("logits")
+    # Whether the model has trunk(x) and heads(z) (conductor.gradients_at: representation).
+    has_split: ClassVar[bool] = False
 
     def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
         if not isinstance(recipe.data, ImageDataConfig):
@@ -362,6 +365,7 @@ class LabModelConfig(_Section):
     """The conflict lab's model: a shared MLP trunk and one linear head per task."""
 
     name: Literal["lab_mlp"]
+    has_split: ClassVar[bool] = True  # trunk = the MLP up to z, heads = the gain/bias heads
     dim: Size = 128  # trunk width
     depth: Size = 4  # trunk hidden layers
 
@@ -502,6 +506,7 @@ class MultidigitsCnnConfig(_Section):
     name: Literal["multidigits_cnn"]
     width: Size = 32  # channels of the first convolutions (the last has twice as many)
     dim: Size = 64  # the shared representation z
+    has_split: ClassVar[bool] = True  # trunk = the convolutions to z, heads = one linear per task
 
     def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
         if not isinstance(recipe.data, MultidigitsDataConfig):
@@ -788,6 +793,7 @@ class Recipe(_Section):
         if not any(weights.values()):
             yield _Issue(("losses",), weights, "at least one loss with weight > 0")
         yield from self._accumulation_issues()
+        yield from self._split_issues()
         method = self.conductor.method
         if method in SCALED_SUMS and self.loss_scale not in ("none", SCALED_SUMS[method]):
             yield _Issue(
@@ -815,6 +821,23 @@ class Recipe(_Section):
         yield from self._metric_issues()
         if self.eval.args and self.eval.target is None:
             yield _Issue(("eval", "args"), self.eval.args, "no args without eval.target")
+
+    def _split_issues(self) -> Iterator[_Issue]:
+        """A built-in model without trunk(x)/heads(z) cannot take gradients at the
+        representation (the user's model is checked when it is built)."""
+        uses_conductor = self.conductor.method not in ("sum", *SCALED_SUMS)
+        if (
+            uses_conductor
+            and self.conductor.gradients_at == "representation"
+            and not getattr(self.model, "has_split", True)
+        ):
+            yield _Issue(
+                ("conductor", "gradients_at"),
+                "representation",
+                f"'parameters' with model.name {getattr(self.model, 'name', '?')}, which has no "
+                "trunk(x) and heads(z) to say where its shared trunk ends (lab_mlp has them; "
+                "for your own model, add trunk(x) and heads(z): README, 'Your own model')",
+            )
 
     def metrics(self) -> dict[str, str] | None:
         """The evaluation's metrics and whether each is better high ("max") or low ("min");

@@ -68,9 +68,14 @@ class Arbitrator:
 
     def score(self, k: int, other: int) -> float:
         """``w_stab · max(0, cos(g_k, g_k_prev)) + w_str · s_k / (s_k + s_other)``."""
-        s_k, s_o = self._strength[k], self._strength[other]
-        strength = s_k / (s_k + s_o) if s_k + s_o > self.eps else 0.5
-        return self.stability_weight * self._stability[k] + self.strength_weight * strength
+        return self._score(k, other, self._strength, self._stability)
+
+    def _score(
+        self, k: int, other: int, strength: Sequence[float], stability: Sequence[float]
+    ) -> float:
+        s_k, s_o = strength[k], strength[other]
+        share = s_k / (s_k + s_o) if s_k + s_o > self.eps else 0.5
+        return self.stability_weight * stability[k] + self.strength_weight * share
 
     def dominant(self) -> int | None:
         """The loss that won each of the last ``dominance_window`` arbitrations, if any."""
@@ -85,21 +90,38 @@ class Arbitrator:
 
         An exact tie goes to the loss listed first (the lower index).
         """
+        winner, by_dominance = self.decide(i, j, self._strength, self._stability)
+        self.record(winner, by_dominance)
+        return winner, by_dominance
+
+    def record(self, winner: int, by_dominance: bool) -> None:
+        """Remember a winner; the bounded rule counts the outright wins in a row."""
         bounded = self.dominance_rule == "bounded"
-        if bounded and self.outright >= self.dominance_window:
-            self.history.clear()  # the streak has had its outright wins
+        self.outright = self.outright + 1 if bounded and by_dominance else 0
+        self.history.append(winner)
+
+    def decide(
+        self, i: int, j: int, strength: Sequence[float], stability: Sequence[float]
+    ) -> tuple[int, bool]:
+        """:meth:`pick`'s rule with the given scores' inputs, recording nothing (under the bounded
+        rule a streak that has had its outright wins is forgotten first)."""
+        if self.dominance_rule == "bounded" and self.outright >= self.dominance_window:
+            self.history.clear()
             self.outright = 0
         dominant = self.dominant()
         if dominant in (i, j):
-            winner, by_dominance = dominant, True
-            self.outright += bounded
-        else:
-            self.outright = 0
-            si, sj = self.score(i, j), self.score(j, i)
-            winner = i if si > sj else j if sj > si else min(i, j)
-            by_dominance = False
-        self.history.append(winner)
-        return winner, by_dominance
+            return dominant, True
+        si = self._score(i, j, strength, stability)
+        sj = self._score(j, i, strength, stability)
+        return (i if si > sj else j if sj > si else min(i, j)), False
+
+    def strengths(self, norms: Sequence[float]) -> list[float]:
+        """``‖g_k‖ / ema_k`` against the EMAs as they stand (1 where a loss has none yet),
+        without updating them: representation mode's micro-batch decisions."""
+        return [
+            n / max(ema, self.eps) if ema is not None else 1.0
+            for n, ema in zip(norms, self.norm_ema, strict=True)
+        ]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         initialised = [e is not None for e in self.norm_ema]

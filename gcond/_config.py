@@ -92,6 +92,12 @@ class ConductorConfig:
       (batched, sequential for good if it cannot run) or ``"benchmark"`` (times both on the
       first micro-batch and keeps the faster; fastest, but two runs may differ in the last bits).
     * ``eps``: guards divisions, > 0.
+    * ``gradients_at``: where the per-loss gradients are taken: ``"parameters"`` (exact, K
+      backwards through the whole model) or ``"representation"``, the output of the model's
+      shared trunk (K backwards through the heads, one through the trunk; needs
+      ``split=(trunk, heads)`` on the conductor).
+    * ``resolve_every``: resolve on every R-th applied step only, ≥ 1; the steps between take
+      one backward per micro-batch of the weighted sum, with the last full step's weights.
     """
 
     accumulation_steps: int = 1
@@ -117,6 +123,8 @@ class ConductorConfig:
     ddp_sync: Literal["grads", "update", "none"] = "grads"
     per_loss_backward: Literal["auto", "batched", "sequential", "benchmark"] = "auto"
     eps: float = 1e-8
+    gradients_at: Literal["parameters", "representation"] = "parameters"
+    resolve_every: int = 1
 
     def __post_init__(self) -> None:
         if type(self.grad_dtype).__name__ == "dtype":  # a torch.dtype, without importing torch
@@ -160,6 +168,7 @@ class ConductorConfig:
             "grad_dtype",
             "ddp_sync",
             "per_loss_backward",
+            "gradients_at",
         ):
             yield from _choice(self, name, _choices(name))
         yield from _reals(self, "conflict_thresholds", 3, low=-1.0, high=1.0)
@@ -174,6 +183,7 @@ class ConductorConfig:
         yield from _real(self, "trust_ratio_clip", low=0.0, low_open=True)
         yield from _real(self, "remap_power", low=0.0, low_open=True)
         yield from _real(self, "eps", low=0.0, low_open=True)
+        yield from _int(self, "resolve_every", low=1)
         for name in ("use_lion", "return_raw_grad", "freeze_bn"):
             if not isinstance(getattr(self, name), bool):
                 yield ConfigProblem((name,), getattr(self, name), "a bool", wrong_type=True)
@@ -196,6 +206,13 @@ class ConductorConfig:
         if self.use_lion is True and self.momentum_beta == 0:
             yield ConfigProblem(
                 ("momentum_beta",), self.momentum_beta, "a value > 0 when use_lion is on"
+            )
+        if self.gradients_at == "representation" and self.accumulation == "stochastic":
+            yield ConfigProblem(
+                ("accumulation",),
+                self.accumulation,
+                "'full' with gradients_at='representation' (its per-loss gradients are already "
+                "cheap: K backwards through the heads, one through the trunk)",
             )
 
     def problems_with_losses(self, num_losses: int) -> Iterator[ConfigProblem]:

@@ -9,6 +9,7 @@ weighting of the Gram matrix such as one of TorchJD's aggregators
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -65,11 +66,20 @@ class NormEqualizer:
 
     def scales(self, norms: Sequence[float]) -> torch.Tensor:
         """Update the EMAs with this step's raw norms; this step's factors (K, float64)."""
+        self.observe(norms)
+        return self.factors(norms)
+
+    def observe(self, norms: Sequence[float]) -> None:
+        """Update the EMAs with a step's raw norms."""
         beta = self.beta
         for k, norm in enumerate(norms):
             ema = self.ema[k]
             self.ema[k] = norm if ema is None else beta * ema + (1.0 - beta) * norm
-        emas = [float(e) for e in self.ema]  # type: ignore[arg-type]
+
+    def factors(self, norms: Sequence[float]) -> torch.Tensor:
+        """The factors from the EMAs as they stand (``norms`` where a loss has none yet), without
+        updating them: representation mode's micro-batch decisions."""
+        emas = [float(n if e is None else e) for e, n in zip(self.ema, norms, strict=True)]
         top = max(emas)
         return torch.tensor([top / e if e >= self.eps else 1.0 for e in emas], dtype=torch.float64)
 
@@ -98,13 +108,13 @@ def _equalizer(num_losses: int, mode: str, beta: float, eps: float) -> NormEqual
 
 
 def _pre_scales(
-    norms: Sequence[float], equalizer: NormEqualizer | None, cap: float | None
+    norms: Sequence[float], equalized: torch.Tensor | None, cap: float | None
 ) -> torch.Tensor | None:
-    """Per-loss factors applied before resolution: norm equalisation, then the norm cap on the
-    equalised norms; None when neither is on."""
-    if equalizer is None:
+    """Per-loss factors applied before resolution: norm equalisation (``equalized``, its
+    factors), then the norm cap on the equalised norms; None when neither is on."""
+    if equalized is None:
         return norm_cap_scales(norms, cap)
-    scale = equalizer.scales(norms)
+    scale = equalized
     capped = norm_cap_scales([float(s) * n for s, n in zip(scale, norms, strict=True)], cap)
     return scale if capped is None else scale * capped.to(torch.float64)
 
@@ -139,23 +149,63 @@ class ConflictResolver:
         )
 
     def resolve(self, gradients: Gradients) -> Resolved:
-        cfg, names = self.config, self.loss_names
         norms = gradients.norms
         # Scores are set once per step, from the raw gradients (before cap and projections).
         self.arbitrator.observe(norms, gradients.prev_cosines)
-        scale = _pre_scales(norms, self.equalizer, cfg.norm_cap)
+        equalized = None if self.equalizer is None else self.equalizer.scales(norms)
+        resolved = self._resolve(gradients.gram, norms, self.arbitrator.pick, equalized)
+        for name, n, ema in zip(self.loss_names, norms, self.arbitrator.norm_ema, strict=True):
+            resolved.stats[f"norm_ema/{name}"] = float(ema if ema is not None else n)
+        return resolved
+
+    def decide(self, gram: torch.Tensor) -> Resolved:
+        """Representation mode: one micro-batch's merge weights from its Gram matrix, by the
+        arbitrator (and the norm equaliser) as they stood at the start of the step. Nothing is
+        recorded, so every DDP rank decides its micro-batches from the same state; :meth:`settle`
+        updates it once a step. Strength is each norm against its EMA; stability is 0 (the
+        representation gradients of two steps are of different samples: no cosine between
+        them)."""
+        norms = [math.sqrt(max(x, 0.0)) for x in gram.diagonal().tolist()]
+        strength = self.arbitrator.strengths(norms)
+        stability = [0.0] * len(norms)
+        equalized = None if self.equalizer is None else self.equalizer.factors(norms)
+        return self._resolve(
+            gram, norms, lambda i, j: self.arbitrator.decide(i, j, strength, stability), equalized
+        )
+
+    def settle(self, norms: Sequence[float], wins: Sequence[float]) -> None:
+        """End of a representation-mode step: the norm EMAs (the arbitrator's and the norm
+        equaliser's) take the step's norms, and the loss that won the most of the step's
+        arbitrations (the lower index on a tie) joins the winner history, once; nothing joins it
+        when no pair was arbitrated."""
+        self.arbitrator.observe(norms, None)
+        if self.equalizer is not None:
+            self.equalizer.observe(norms)
+        if max(wins, default=0.0) > 0:
+            top = max(range(len(wins)), key=lambda k: (wins[k], -k))
+            self.arbitrator.record(top, self.arbitrator.dominant() == top)
+
+    def _resolve(
+        self,
+        gram: torch.Tensor,
+        norms: list[float],
+        pick: Callable[[int, int], tuple[int, bool]],
+        equalized: torch.Tensor | None,
+    ) -> Resolved:
+        cfg, names = self.config, self.loss_names
+        scale = _pre_scales(norms, equalized, cfg.norm_cap)
         wins = dict.fromkeys(names, 0)
         dominance = 0
 
         def arbitrate(i: int, j: int) -> int:
             nonlocal dominance
-            winner, by_dominance = self.arbitrator.pick(i, j)
+            winner, by_dominance = pick(i, j)
             wins[names[winner]] += 1
             dominance += by_dominance
             return winner
 
         res = resolve_gram(
-            gradients.gram,
+            gram,
             cfg.conflict_thresholds,
             max_iters=cfg.projection_max_iters,
             mode=cfg.resolution,
@@ -170,8 +220,6 @@ class ConflictResolver:
         for name in names:
             stats[f"wins/{name}"] = float(wins[name])
         stats["dominance"] = float(dominance)
-        for name, n, ema in zip(names, norms, self.arbitrator.norm_ema, strict=True):
-            stats[f"norm_ema/{name}"] = float(ema if ema is not None else n)
         stats.update(_equalizer_stats(names, self.equalizer, scale))
         return Resolved(res.merge_weights, stats)
 
@@ -249,7 +297,8 @@ class WeightingResolver:
         gram = gradients.gram
         if self.equalizer is None and self.norm_equalization != "off":
             self._start_equalizer(gram.shape[0])  # K known from the first step's gradients
-        scale = _pre_scales(gradients.norms, self.equalizer, self.norm_cap)
+        equalized = None if self.equalizer is None else self.equalizer.scales(gradients.norms)
+        scale = _pre_scales(gradients.norms, equalized, self.norm_cap)
         if scale is not None:
             gram = scale[:, None] * gram * scale[None, :]
         weights = self.weighting(gram).to("cpu", torch.float64)
