@@ -31,7 +31,7 @@ class Arbitrator:
         tie_breaking_weights: tuple[float, float] = (0.8, 0.2),
         norm_ema_beta: float = 0.95,
         eps: float = 1e-8,
-        dominance_rule: str = "sticky",
+        dominance_rule: str = "bounded",
     ) -> None:
         if dominance_rule not in ("sticky", "bounded"):
             raise ValueError(
@@ -143,10 +143,6 @@ class Arbitrator:
         return (
             f"Arbitrator(num_losses={self.num_losses}, dominance_window={self.dominance_window}, "
             f"tie_breaking_weights=({self.stability_weight}, {self.strength_weight}), "
-            f"norm_ema_beta={self.norm_ema_beta}, eps={self.eps}"
-            + (
-                f", dominance_rule={self.dominance_rule!r})"
-                if self.dominance_rule != "sticky"
-                else ")"
-            )
+            f"norm_ema_beta={self.norm_ema_beta}, eps={self.eps}, "
+            f"dominance_rule={self.dominance_rule!r})"
         )

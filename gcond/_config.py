@@ -61,9 +61,9 @@ class ConductorConfig:
     * ``projection_max_iters``: most resolution iterations per step; ``None`` = 2·K.
     * ``dominance_window``: a loss that won the last this-many arbitrations wins the next one
       outright; 0 turns the rule off.
-    * ``dominance_rule``: ``"sticky"`` (default, the original rule: outright wins extend the
-      streak, so a dominant loss keeps winning while conflicts go on) or ``"bounded"`` (a streak
-      earns at most ``dominance_window`` outright wins, then the scores decide again).
+    * ``dominance_rule``: ``"bounded"`` (default: a streak earns at most ``dominance_window``
+      outright wins, then the scores decide again) or ``"sticky"`` (the original rule: outright
+      wins extend the streak, so a dominant loss keeps winning while conflicts go on).
     * ``tie_breaking_weights``: ``(stability, strength)`` weights of the arbitrator's score,
       ≥ 0 with a positive sum.
     * ``norm_ema_beta``: EMA factor of each loss's gradient norm (the strength score), in [0, 1).
@@ -106,7 +106,7 @@ class ConductorConfig:
     conflict_thresholds: tuple[float, float, float] = (-0.8, -0.5, 0.0)
     projection_max_iters: int | None = None
     dominance_window: int = 3
-    dominance_rule: Literal["sticky", "bounded"] = "sticky"
+    dominance_rule: Literal["bounded", "sticky"] = "bounded"
     tie_breaking_weights: tuple[float, float] = (0.8, 0.2)
     norm_ema_beta: float = 0.95
     norm_cap: float | None = None

@@ -189,7 +189,7 @@ def test_every_pick_records_its_winner():
 def test_sticky_dominance_never_lets_go_while_conflicts_go_on():
     # The original rule: outright wins extend the streak, so once loss 0 has won 3 in a row it
     # wins every later arbitration whatever the scores say.
-    arb = arbitrator(dominance_window=3)
+    arb = arbitrator(dominance_window=3, dominance_rule="sticky")
     favour(arb, 0)
     assert [arb.pick(0, 1) for _ in range(3)] == [(0, False)] * 3
     favour(arb, 1)
@@ -232,7 +232,7 @@ def test_bounded_state_keeps_the_count_of_outright_wins():
     # The streak has had its one outright win: the scores decide the next pick, in both.
     assert restored.pick(0, 1) == arb.pick(0, 1) == (0, False)
     # A state of the sticky rule (no count) loads with the count at 0.
-    sticky = Arbitrator(2, dominance_window=1).state_dict()
+    sticky = Arbitrator(2, dominance_window=1, dominance_rule="sticky").state_dict()
     assert "outright" not in sticky
     restored.load_state_dict(sticky)
     assert restored.outright == 0
@@ -317,5 +317,5 @@ def test_repr_shows_every_constructor_argument():
     )
     assert repr(arb) == (
         "Arbitrator(num_losses=3, dominance_window=5, tie_breaking_weights=(0.6, 0.4), "
-        "norm_ema_beta=0.9, eps=1e-06)"
+        "norm_ema_beta=0.9, eps=1e-06, dominance_rule='bounded')"
     )
