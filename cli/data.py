@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import GcondError
+from .errors import DatasetError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -75,10 +75,6 @@ _VAL_KEY = "validation-images"
 
 # Image files an image folder is read from (torchvision ImageFolder's list).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DatasetError(GcondError):
-    """A dataset cannot be loaded; the message names the recipe key to change."""
 
 
 @dataclass

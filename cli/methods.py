@@ -1,10 +1,15 @@
 """Every way of turning K losses into ``p.grad`` behind one small interface.
 
-The training loop calls ``method.step(data_provider)`` and gets a flat ``dict[str, float]`` of
-statistics; it never knows which method runs. ``conductor`` / ``conductor-stochastic`` are
-:class:`gcond.GradientConductor`; ``sum`` is plain gradient accumulation of ``Σ λ_k L_k``, the
-baseline every user has today; ``pcgrad``, ``upgrad``, ``mgda`` and ``cagrad`` are TorchJD's
-aggregators fed the conductor's per-loss gradients, accumulated over the same micro-batches.
+Every method has the conductor's face: ``accumulate(data_provider)`` runs one optimizer step's
+micro-batches (forwards, backwards and the method's one host sync), ``finish(gradients)`` turns
+what was accumulated into ``p.grad`` and returns a flat ``dict[str, float]`` of statistics, and
+``step`` is ``finish(accumulate(...))``; `describe` says in words how it gets its gradients. The
+training loop and ``gcond bench`` never know which method runs.
+
+``conductor`` / ``conductor-stochastic`` are :class:`gcond.GradientConductor`; ``sum`` is plain
+gradient accumulation of ``Σ λ_k L_k``, the baseline every user has today; ``pcgrad``,
+``upgrad``, ``mgda`` and ``cagrad`` are TorchJD's aggregators fed the conductor's per-loss
+gradients, accumulated over the same micro-batches.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from gcond import GradientConductor, WeightingResolver, autocast, call_model, frozen_batchnorm
 
 from .components import builtins, lookup, names
+from .errors import MethodUnavailable
 from .losses import InitialScale, log_scaled
 from .recipe import SCALED_SUMS
 
@@ -32,15 +38,19 @@ TORCHJD_METHODS = tuple(
 CAGRAD_C = 0.4  # the CAGrad paper's multi-task setting
 
 
-class MethodUnavailable(ValueError):
-    """A method whose optional dependency is not installed; the message says what to install."""
-
-
 class Method(Protocol):
     """What the training loop needs from a gradient method."""
 
+    def accumulate(self, data_provider: Callable[[], Any]) -> Any:
+        """Run one optimizer step's micro-batches; returns what `finish` needs."""
+        ...
+
+    def finish(self, gradients: Any) -> dict[str, float]:
+        """Leave the gradient in ``p.grad``; returns the step's statistics."""
+        ...
+
     def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
-        """Run one optimizer step's micro-batches and leave the gradient in ``p.grad``."""
+        """``finish(accumulate(data_provider))``."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -171,6 +181,28 @@ def per_loss_backward_mode(method: Any) -> str | None:
     return method.backward_mode
 
 
+def describe(method: Any) -> str | None:
+    """How a full-mode conductor gets K gradients from one forward, in words (None for a method
+    that does one backward per micro-batch)."""
+    mode = per_loss_backward_mode(method)
+    if mode is None:
+        return None
+    text = f"{mode} backward (per_loss_backward: {method.config.per_loss_backward}"
+    timings = method.backward_timings
+    if timings:
+        times = ", ".join(f"{way} {1000 * t:.1f} ms" for way, t in timings.items())
+        text += f"; first micro-batch: {times}"
+    return text + ")"
+
+
+def resolves(name: str) -> bool:
+    """Whether method ``name`` resolves per-loss gradients (a conductor or a TorchJD weighting:
+    its ``finish`` resolves them, and it follows ``conductor.ddp_sync``), as opposed to a plain
+    sum of the losses (``finish`` has nothing left to do; it synchronises like any DDP loop), by
+    the method table."""
+    return not lookup("method", name).build.endswith(":build_sum")
+
+
 def torchjd_aggregator(name: str) -> Any:
     """TorchJD's aggregator for ``name`` (one of :data:`TORCHJD_METHODS`), or MethodUnavailable
     naming the package to install."""
@@ -268,6 +300,15 @@ class SumMethod:
         self._step = 0
 
     def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+        return self.finish(self.accumulate(data_provider))
+
+    def finish(self, gradients: dict[str, float]) -> dict[str, float]:
+        """Nothing left to do: `accumulate` left the gradient in ``p.grad``."""
+        return gradients
+
+    def accumulate(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+        """The backwards of the N micro-batches, into ``p.grad``, and the step's statistics (its
+        one host sync)."""
         n = self.accumulation_steps
         sums = torch.zeros(len(self.loss_names), device=self.device)
         with frozen_batchnorm(self.model, self.freeze_bn):
@@ -353,12 +394,18 @@ class InitialScaleMethod:
         self.freeze_bn, self.autocast_dtype = freeze_bn, autocast_dtype
 
     def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+        return self.finish(self.accumulate(data_provider))
+
+    def accumulate(self, data_provider: Callable[[], Any]) -> Any:
         if self.scale.reference is None:
             batches = [data_provider() for _ in range(self.accumulation_steps)]
             self.scale.reference = self._measure(batches)
             replay = iter(batches)
             data_provider = functools.partial(next, replay)
-        return self.method.step(data_provider)
+        return self.method.accumulate(data_provider)
+
+    def finish(self, gradients: Any) -> dict[str, float]:
+        return self.method.finish(gradients)
 
     @torch.no_grad()
     def _measure(self, batches: list[Any]) -> torch.Tensor:

@@ -48,7 +48,7 @@ from typing_extensions import Self
 from gcond._config import ConductorConfig as LibraryConductorConfig
 
 from .components import CHOICE_KEY, builtin, builtins, names, register
-from .errors import GcondError
+from .errors import RecipeError
 from .plugins import Target
 
 MAX_SIZE = 1_000_000  # sizes, widths, depths, batch sizes: anything larger is a typo
@@ -67,20 +67,6 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 Cosine = Annotated[float, Field(ge=-1.0, le=1.0)]
-
-
-class RecipeError(GcondError):
-    """A recipe that cannot be used; `errors` holds one human-readable line per problem."""
-
-    def __init__(self, errors: list[str], source: Path | None = None) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-        self.source = source
-
-    def report_lines(self) -> list[str]:
-        count = f"{len(self.errors)} problem" + ("s" if len(self.errors) > 1 else "")
-        where = f" in {self.source}" if self.source else ""
-        return [f"Recipe error{where} ({count}):", *(f"  - {line}" for line in self.errors)]
 
 
 class _Issue(NamedTuple):
@@ -690,6 +676,20 @@ class Recipe(_Section):
         if isinstance(self.data, TargetConfig):
             return {f"eval/{name}": "min" for name in self.losses}
         return {f"eval/{name}": mode for name, mode in self.data.metrics(self).items()}
+
+    @property
+    def user_metrics(self) -> bool:
+        """Whether the evaluation is the user's (their own, or their losses on their data)."""
+        return self.eval.target is not None or isinstance(self.data, TargetConfig)
+
+    def better(self, metric: str) -> str:
+        """Which way an eval metric (with or without ``eval/``) improves: "min" or "max", the
+        one source every command reads. The user's own metrics improve downwards unless listed
+        in ``eval.higher_is_better``; any other unknown metric (an error) downwards."""
+        name = metric.removeprefix("eval/")
+        if self.user_metrics:
+            return "max" if name in self.eval.higher_is_better else "min"
+        return (self.metrics() or {}).get(f"eval/{name}", "min")
 
     def _metric_issues(self) -> Iterator[_Issue]:
         metrics, cfg = self.metrics(), self.checkpoint

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gcond import call_model
 
-from .plugins import ComponentError
+from .errors import ComponentError
 
 Precision = Callable[[], AbstractContextManager[Any]]
 Images = dict[str, Tensor]

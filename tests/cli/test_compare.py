@@ -13,8 +13,10 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from typer.testing import CliRunner
 
 from gcond_cli.app import app
-from gcond_cli.compare import batch_checksum, parse_methods, parse_variant, split_top_level
-from gcond_cli.train import Trainer, UsageError
+from gcond_cli.errors import UsageError
+from gcond_cli.options import parse_methods, parse_variant, split_top_level
+from gcond_cli.run.loop import Trainer
+from gcond_cli.run.parts import batch_checksum
 from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow  # integration: end-to-end comparisons

@@ -29,10 +29,10 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from .files import METRICS_FILE, MIN_COSINE, SUMMARY_FILE
+
 __all__ = ["RunLogger"]
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 
 # Statistics groups that get one overlaid chart each in TensorBoard's custom-scalars tab. Regexes
 # (not tag lists) because the per-pair / per-loss names are only known once the run is going, and
@@ -313,8 +313,8 @@ class RunLogger:
         if "loss/total" in stats:
             detail = ", ".join(f"{name} {_num(v)}" for name, v in per_loss.items())
             parts.append(f"loss {stats['loss/total']:.4f}" + (f" ({detail})" if detail else ""))
-        if "min_cosine_sim" in stats:
-            parts.append(f"min_cos {stats['min_cosine_sim']:.2f}")
+        if MIN_COSINE in stats:
+            parts.append(f"min_cos {stats[MIN_COSINE]:.2f}")
         if (zones := _zones(stats)) is not None:
             parts.append(f"zones w/m/c {zones}")
         if "final_grad_norm" in stats:
@@ -344,8 +344,8 @@ class RunLogger:
         if "loss/total" in stats:
             losses = {"total": stats["loss/total"], **_loss_values(stats)}
             table.add_row("loss", "  ".join(f"{k} {_num(v)}" for k, v in losses.items()))
-        if "min_cosine_sim" in stats:
-            table.add_row("min cosine", f"{stats['min_cosine_sim']:.3f}")
+        if MIN_COSINE in stats:
+            table.add_row("min cosine", f"{stats[MIN_COSINE]:.3f}")
         if (zones := _zones(stats)) is not None:
             table.add_row("zones w/m/c", zones)
         wins = {k.removeprefix("wins/"): v for k, v in stats.items() if k.startswith("wins/")}
