@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .results import _columns, difference_format
+from .results import columns_for, difference_format
 from .verdict import Verdict, format_difference
 
 
 def table_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, list, list[bool]]]]:
     """Column titles and, per entry, (label, cell texts, which cells are the column's best)."""
-    cols = {c.key: c for c in _columns(summary["metrics"])}
+    cols = {c.key: c for c in columns_for(summary["metrics"])}
     meta = {c["key"]: c for c in summary["columns"]}
     titles = ["method", *(c.title for c in cols.values())]
     titles.insert(titles.index("s/step") + 1, "× sum")

@@ -100,7 +100,7 @@ def _get(*path: str) -> Callable[[dict], float | None]:
     return value
 
 
-def _columns(metrics: Mapping[str, str]) -> list[Column]:
+def columns_for(metrics: Mapping[str, str]) -> list[Column]:
     """``metrics``: {name: "min" or "max"}, in the table's order."""
     cols = []
     for stage in ("final", "best"):
@@ -138,7 +138,7 @@ def summarize(
     present = {k.removeprefix("eval/") for r in _all(runs) for k in r.get("eval_final", {})}
     first = recipes[entries[0].name, plan.seeds[0]]
     metrics = shown_metrics(first, present)
-    columns = _columns(metrics)
+    columns = columns_for(metrics)
     results = _results(runs, columns)
     checksums = {
         str(s): {e.name: runs[e.name][str(s)].get("first_batch_sha256") for e in entries}
