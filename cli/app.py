@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .components import builtins
-from .errors import EXIT_USAGE, GcondError, print_error
+from .errors import EXIT_USAGE, GcondError, UsageError, print_error
 from .plugins import PluginRoots, resolve_references
 from .recipe import (
     Recipe,
@@ -19,6 +19,7 @@ from .recipe import (
     bundled_recipes,
     dump_recipe_yaml,
     load_recipe,
+    missing_dependency,
     name_problem,
     resolve_recipe_path,
 )
@@ -401,6 +402,9 @@ def validate(
     every problem listed when it is not.
     """
     loaded, path = _load(recipe, overrides, PluginRoots.from_options(plugin or ()))
+    missing = missing_dependency(loaded.conductor.method)
+    if missing:
+        raise UsageError(missing)
     typer.echo(f"# resolved from {path}" + "".join(f" {o}" for o in overrides or ()))
     typer.echo(dump_recipe_yaml(loaded), nl=False)
     typer.echo("# recipe OK")

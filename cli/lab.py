@@ -168,9 +168,13 @@ class LabMLP(nn.Module):
             {name: nn.Parameter(torch.zeros(output_dim)) for name in tasks}
         )
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        z = self.trunk(x)
+    def heads(self, z: Tensor) -> dict[str, Tensor]:
+        """The per-task gain/bias heads on the representation z (``self.trunk(x)``): the split
+        that ``conductor.gradients_at: representation`` needs."""
         return {name: self.log_gain[name].exp() * z + self.bias[name] for name in self.log_gain}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.heads(self.trunk(x))
 
 
 def task_mse(name: str):

@@ -26,9 +26,9 @@ from torch import nn
 from gcond import GradientConductor, WeightingResolver, autocast, call_model, frozen_batchnorm
 
 from .components import builtins, lookup, names
-from .errors import MethodUnavailable
+from .errors import MethodUnavailable, UsageError
 from .losses import InitialScale, log_scaled
-from .recipe import SCALED_SUMS
+from .recipe import OWN_LOSS_SCALES
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 METHODS = names("method")  # registered in recipe.py, one table entry each
@@ -69,7 +69,8 @@ def build_method(
     loss_scale: str = "none",
 ) -> Method:
     """The method a recipe's ``conductor`` section names, with every parameter it sets, fed
-    the losses rescaled by ``loss_scale`` (``sum-log`` / ``sum-normalized`` set their own)."""
+    the losses rescaled by ``loss_scale`` (``sum-log``, ``sum-normalized`` and ``db-mtl`` set
+    their own)."""
     mode = effective_loss_scale(conductor_cfg.method, loss_scale)
     if mode == "log":
         loss_fns = {name: log_scaled(fn) for name, fn in loss_fns.items()}
@@ -90,8 +91,9 @@ def build_method(
 
 
 def effective_loss_scale(method: str, loss_scale: str) -> str:
-    """The loss scale a run trains with: the method's own for the scaled sums, else the recipe's."""
-    return SCALED_SUMS.get(method, loss_scale)
+    """The loss scale a run trains with: the method's own (the scaled sums, db-mtl), else the
+    recipe's."""
+    return OWN_LOSS_SCALES.get(method, loss_scale)
 
 
 def _build_method(
@@ -139,15 +141,33 @@ def build_conductor(
     resolver: Any = None,
 ) -> Method:
     """The conductor with every setting of the recipe's ``conductor`` section."""
+    config = cfg.library_config()
     return GradientConductor(
         model,
         loss_fns,
         lambdas,
-        config=cfg.library_config(),
+        config=config,
         autocast_dtype=autocast_dtype,
         scaler=scaler,
         resolver=resolver,
+        split=model_split(model) if config.gradients_at == "representation" else None,
     )
+
+
+def model_split(model: nn.Module) -> tuple[Any, Any]:
+    """``(model.trunk, model.heads)`` for ``conductor.gradients_at: representation``; a model
+    without both is the user's to fix (exit 2)."""
+    module = getattr(model, "module", model)  # under DDP, the wrapped model
+    trunk, heads = getattr(module, "trunk", None), getattr(module, "heads", None)
+    if not (callable(trunk) and callable(heads)):
+        raise UsageError(
+            f"conductor.gradients_at: representation needs the model ({type(module).__name__}) "
+            "to say where its shared trunk ends: add trunk(x) and heads(z) to your model, with "
+            "trunk(x) -> z (one tensor, the representation the losses share), heads(z) -> the "
+            "output the losses receive, and model(x) == heads(trunk(x)); or leave "
+            "conductor.gradients_at at parameters"
+        )
+    return trunk, heads
 
 
 def build_torchjd(
@@ -161,7 +181,13 @@ def build_torchjd(
 ) -> Method:
     """A TorchJD aggregator as the conductor's resolver: it shares the conductor's accumulation,
     momentum and write-back (the resolution settings are then unused)."""
-    resolver = TorchJDResolver(torchjd_aggregator(cfg.method), norm_cap=cfg.norm_cap)
+    resolver = TorchJDResolver(
+        torchjd_aggregator(cfg.method),
+        norm_cap=cfg.norm_cap,
+        norm_equalization=cfg.norm_equalization,
+        norm_equalization_beta=cfg.norm_equalization_beta,
+        loss_names=list(loss_fns),
+    )
     return build_conductor(
         cfg,
         model,
@@ -195,12 +221,21 @@ def describe(method: Any) -> str | None:
     return text + ")"
 
 
-def resolves(name: str) -> bool:
-    """Whether method ``name`` resolves per-loss gradients (a conductor or a TorchJD weighting:
-    its ``finish`` resolves them, and it follows ``conductor.ddp_sync``), as opposed to a plain
-    sum of the losses (``finish`` has nothing left to do; it synchronises like any DDP loop), by
-    the method table."""
-    return not lookup("method", name).build.endswith(":build_sum")
+# The builders of the methods that sum the losses (scaled or weighted their own way), one
+# backward per micro-batch, synchronised like any DDP loop: nothing left to resolve.
+SUM_BUILDERS = ("methods:build_sum", "peers:build_scalarised")
+
+
+def follows_ddp_sync(name: str) -> bool:
+    """Whether method ``name`` follows ``conductor.ddp_sync`` (a conductor, a TorchJD weighting,
+    DB-MTL), as opposed to a sum of the losses, by the method table."""
+    return lookup("method", name).build not in SUM_BUILDERS
+
+
+def resolves(method: Any) -> bool:
+    """Whether a built method resolves per-loss gradients in its ``finish`` (it has the
+    conductor's configuration), as opposed to a sum, whose ``finish`` has nothing left to do."""
+    return getattr(method, "config", None) is not None
 
 
 def torchjd_aggregator(name: str) -> Any:
@@ -217,6 +252,9 @@ def torchjd_aggregator(name: str) -> Any:
         "upgrad": aggregation.UPGrad,
         "mgda": aggregation.MGDA,
         "cagrad": lambda: aggregation.CAGrad(c=CAGRAD_C),
+        "alignedmtl": aggregation.AlignedMTL,
+        "imtlg": aggregation.IMTLG,
+        "dualproj": aggregation.DualProj,
     }
     try:
         return builders[name]()
@@ -226,6 +264,10 @@ def torchjd_aggregator(name: str) -> Any:
 
 def method_unavailable(name: str) -> str | None:
     """Why ``name`` cannot run here (a missing optional dependency), or None if it can."""
+    if lookup("method", name).build.startswith("peers:"):
+        from .peers import peer_unavailable
+
+        return peer_unavailable(name)
     if name not in TORCHJD_METHODS:
         return None
     try:
@@ -244,8 +286,8 @@ class TorchJDResolver(WeightingResolver):
     stays as it is under the other methods; the stream is part of the conductor's state.
     """
 
-    def __init__(self, aggregator: Any, *, norm_cap: float | None = None) -> None:
-        super().__init__(self._weigh, norm_cap=norm_cap)
+    def __init__(self, aggregator: Any, **options: Any) -> None:
+        super().__init__(self._weigh, **options)
         self.aggregator = aggregator
         self.rng_state = torch.Generator().manual_seed(torch.initial_seed()).get_state()
 
@@ -257,9 +299,10 @@ class TorchJDResolver(WeightingResolver):
         return weights
 
     def state_dict(self) -> dict[str, Any]:
-        return {"aggregator_rng": self.rng_state.clone()}
+        return {**super().state_dict(), "aggregator_rng": self.rng_state.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
         self.rng_state = state["aggregator_rng"].clone()
 
     def __repr__(self) -> str:
@@ -320,7 +363,7 @@ class SumMethod:
                         [self.loss_fns[k](output, target).float() for k in self.loss_names]
                     )
                 sums += values.detach()
-                total = (values * self._lambdas).sum() / n
+                total = self.objective(values) / n
                 if self.scaler is not None:
                     total = self.scaler.scale(total)
                 sync = i == n - 1 or not hasattr(self.model, "no_sync")
@@ -345,6 +388,11 @@ class SumMethod:
         stats["skipped"] = float(skipped)
         stats["step"] = float(self._step)
         return stats
+
+    def objective(self, values: torch.Tensor) -> torch.Tensor:
+        """What one micro-batch's backward differentiates, from its K loss values: ``Σ λ_k L_k``
+        (the scalarising peers in ``peers.py`` change only this)."""
+        return (values * self._lambdas).sum()
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self._step}

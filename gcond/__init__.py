@@ -32,7 +32,14 @@ if TYPE_CHECKING:
         smooth_angle,
         zone_of,
     )
-    from ._resolve import ConflictResolver, Resolved, Resolver, WeightingResolver, norm_cap_scales
+    from ._resolve import (
+        ConflictResolver,
+        NormEqualizer,
+        Resolved,
+        Resolver,
+        WeightingResolver,
+        norm_cap_scales,
+    )
     from ._update import Momentum, Updater, apply_trust_ratio_
 
 _HOMES = {
@@ -57,6 +64,7 @@ _HOMES = {
     "Resolver": "_resolve",
     "WeightingResolver": "_resolve",
     "norm_cap_scales": "_resolve",
+    "NormEqualizer": "_resolve",
     "Momentum": "_update",
     "Updater": "_update",
     "apply_trust_ratio_": "_update",
@@ -70,6 +78,7 @@ __all__ = [
     "GradientConductor",
     "Gradients",
     "Momentum",
+    "NormEqualizer",
     "Resolution",
     "Resolved",
     "Resolver",

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from torch import nn
 from ._config import ConductorConfig
 from ._distributed import distributed, mean_over_ranks_, summed_over_ranks
 from ._model_io import autocast, call_model, frozen_batchnorm
+
+if TYPE_CHECKING:
+    from ._resolve import Resolved
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 DataProvider = Callable[[], Any]
@@ -31,16 +34,33 @@ class Gradients:
     ``stack`` (K×P, on the device, unscaled) holds g_1..g_K; the rest was read from the device in
     one transfer: their Gram matrix (K×K, float64, on the host), each loss's mean value over the
     step, and cos(g_k, g_k of the previous step) (None on the first step).
+
+    When the merge already happened during accumulation (representation mode, and the steps
+    between full ones with ``resolve_every`` > 1), ``merged`` is the P-sized ``Σ_k w_k g_k``,
+    ``merged_sq`` its squared norm, and ``stack`` is ``merged`` as a 1×P view. ``gram`` is then
+    the Gram matrix of the step's representation gradients (None on a step between full ones,
+    which computes no per-loss gradient), and ``decided`` the merge weights (mean over the
+    micro-batches) with the resolution's statistics summed over them.
     """
 
     stack: torch.Tensor
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     loss_means: list[float]
     prev_cosines: list[float] | None
+    merged: torch.Tensor | None = None
+    merged_sq: float = math.nan
+    decided: Resolved | None = None
+
+    @property
+    def full(self) -> bool:
+        """Whether this step computed per-loss gradients (a full step)."""
+        return self.gram is not None
 
     @property
     def norms(self) -> list[float]:
-        """‖g_k‖ from the Gram matrix's diagonal."""
+        """‖g_k‖ from the Gram matrix's diagonal (NaN on a step between full ones)."""
+        if self.gram is None:
+            return [math.nan] * len(self.loss_means)
         return [math.sqrt(max(x, 0.0)) for x in self.gram.diagonal().tolist()]
 
     @property
@@ -48,10 +68,17 @@ class Gradients:
         """Which losses have a NaN/inf gradient (or one whose squared norm overflows).
 
         In a batched backward a NaN from one loss reaches every row (0·NaN = NaN), so a loss is
-        blamed by its own value first, and by its gradient only when every value is finite.
+        blamed by its own value first, and by its gradient only when every value is finite. A
+        merged gradient that is not finite when nothing else is blames every loss.
         """
-        bad = [not math.isfinite(x) for x in self.gram.diagonal().tolist()]
         bad_values = [not math.isfinite(x) for x in self.loss_means]
+        merged_bad = self.merged is not None and not math.isfinite(self.merged_sq)
+        if self.gram is None:
+            bad = [merged_bad] * len(bad_values)
+        else:
+            bad = [not math.isfinite(x) for x in self.gram.diagonal().tolist()]
+            if merged_bad and not any(bad):
+                bad = [True] * len(bad_values)
         return bad_values if any(bad) and any(bad_values) else bad
 
 
@@ -88,16 +115,21 @@ class Accumulator:
         self._shapes = [tuple(self._local(p).shape) for p in params]
         self._numels = [self._local(p).numel() for p in params]
         k, numel = len(self.loss_names), sum(self._numels)
-        dtype = getattr(torch, config.grad_dtype)
-        self._stacks = [torch.zeros(k, numel, dtype=dtype, device=self.device) for _ in "ab"]
+        self._stacks = self._allocate(k, numel, getattr(torch, config.grad_dtype))
         self._stack_views = [
-            [split(s[j], self._numels, self._shapes) for j in range(k)] for s in self._stacks
+            [split(row, self._numels, self._shapes) for row in s] for s in self._stacks
         ]
         self._current = 0
         self._fresh = [False] * k  # rows not yet written this step
         self._loss_sums = torch.zeros(k, dtype=torch.float32, device=self.device)
         self._eye = torch.eye(k, dtype=torch.float32, device=self.device)
         self._scales = self._backward_scales(lambdas)
+        # λ_k / N: each loss on every micro-batch (steps between full ones).
+        self._mean_scales = torch.tensor(
+            [lambdas[n] / config.accumulation_steps for n in self.loss_names],
+            dtype=torch.float32,
+            device=self.device,
+        )
         self.has_prev = False
         self.prev_norms = [0.0] * k
         # Batched backward (True) or sequential (False); None until the first full-mode
@@ -163,6 +195,53 @@ class Accumulator:
             ]
         return Gradients(acc, gram, means, prev_cosines)
 
+    def accumulate_merged(self, data_provider: DataProvider, weights: torch.Tensor) -> Gradients:
+        """A step between full ones (``resolve_every`` > 1): one backward per micro-batch of
+        ``Σ_k w_k λ_k L_k / N`` with the last full step's merge ``weights`` (K), into one P-sized
+        row; per-loss gradients are not computed. The row is this step's stack's first, free
+        until the next full step (the previous gradients stay in the other stack)."""
+        row = self.stack[0]
+        row.zero_()
+        self._loss_sums.zero_()
+        merge = weights.to(self.device, torch.float32) * self._mean_scales
+        with frozen_batchnorm(self.module, self.config.freeze_bn):
+            for _ in range(self.config.accumulation_steps):
+                self._merged_micro_batch(data_provider, merge)
+        return self.summarize_merged(None)
+
+    def summarize_merged(self, decided: Any) -> Gradients:
+        """Unscale the merged row, average it over the DDP ranks when ``ddp_sync="grads"``, and
+        read its squared norm and the loss means in one transfer; ``decided`` (representation
+        mode) goes along."""
+        row = self.stack[0]
+        if self.scaler is not None and self.scaler.is_enabled():
+            row.mul_(self.scaler.scale(torch.ones((), device=self.device)).reciprocal())
+        if self.config.ddp_sync == "grads" and distributed(self.group):
+            mean_over_ranks_(row, self.group)
+            mean_over_ranks_(self._loss_sums, self.group)
+        square = torch.dot(row, row).float().reshape(1)
+        host = torch.cat([self._loss_sums, square]).to("cpu", torch.float64).tolist()  # sync
+        means = [x / self.config.accumulation_steps for x in host[:-1]]
+        gram = None if decided is None else decided[0]
+        resolved = None if decided is None else decided[1]
+        return Gradients(row[None], gram, means, None, row, host[-1], resolved)
+
+    def _merged_micro_batch(self, data_provider: DataProvider, merge: torch.Tensor) -> None:
+        x, target = self._batch(data_provider)
+        with autocast(self.device, self.autocast_dtype):
+            output = call_model(self.module, x)
+            values = torch.stack([self._loss(n, output, target).float() for n in self.loss_names])
+        self._loss_sums += values.detach()
+        total = (values * merge).sum()
+        if self.scaler is not None:
+            total = self.scaler.scale(total)
+        self._add_into_row(self._grads(total))
+
+    def _add_into_row(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """``row 0 += grads`` (None: a parameter this backward did not reach)."""
+        views = self._stack_views[self._current][0]
+        _foreach_into([(v, g) for v, g in zip(views, grads, strict=True) if g is not None], False)
+
     def commit(self, norms: list[float]) -> None:
         """The step was applied: its raw gradients become the next step's previous ones."""
         self.prev_norms = norms
@@ -194,6 +273,10 @@ class Accumulator:
         """The part of a parameter this process holds: all of it (a shard under FSDP)."""
         return param
 
+    def _allocate(self, k: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """This step's and the previous step's K×P stacks."""
+        return [torch.zeros(k, numel, dtype=dtype, device=self.device) for _ in "ab"]
+
     def _synchronise(self) -> None:
         """Under DDP with ``ddp_sync="grads"``: one flat collective for all K accumulators, and
         a K-sized one for the loss sums."""
@@ -208,14 +291,18 @@ class Accumulator:
 
     # ------------------------------------------------------------------ one micro-batch
 
-    def _micro_batch(self, data_provider: DataProvider, index: int) -> None:
+    @staticmethod
+    def _batch(data_provider: DataProvider) -> tuple[Any, Any]:
         batch = data_provider()
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise TypeError(
                 f"data_provider() must return (input, target), got {type(batch).__name__}"
                 f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}"
             )
-        x, target = batch
+        return batch[0], batch[1]
+
+    def _micro_batch(self, data_provider: DataProvider, index: int) -> None:
+        x, target = self._batch(data_provider)
         k = len(self.loss_names)
         # Stochastic mode differentiates only the loss this micro-batch serves; the others are
         # computed for the statistics alone, without recording a graph.

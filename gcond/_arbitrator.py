@@ -14,6 +14,11 @@ class Arbitrator:
     *strength* (its gradient norm relative to its own EMA), and remembers recent winners so a loss
     that won the last ``dominance_window`` arbitrations wins the next one outright.
 
+    With ``dominance_rule="sticky"`` (the original rule) an outright win extends the streak that
+    earned it, so a loss that won ``dominance_window`` arbitrations in a row wins every later one
+    as long as conflicts go on. With ``"bounded"`` a streak earns at most ``dominance_window``
+    outright wins; then the history is cleared and the scores decide again.
+
     Scores are set once per step from the raw accumulated gradients, before any projection, so a
     decision depends on the step's data and the history, not on the order of projections.
     """
@@ -26,9 +31,16 @@ class Arbitrator:
         tie_breaking_weights: tuple[float, float] = (0.8, 0.2),
         norm_ema_beta: float = 0.95,
         eps: float = 1e-8,
+        dominance_rule: str = "bounded",
     ) -> None:
+        if dominance_rule not in ("sticky", "bounded"):
+            raise ValueError(
+                f"dominance_rule must be 'sticky' or 'bounded', got {dominance_rule!r}"
+            )
         self.num_losses = num_losses
         self.dominance_window = dominance_window
+        self.dominance_rule = dominance_rule
+        self.outright = 0  # outright wins in a row (the bounded rule's count)
         self.stability_weight, self.strength_weight = tie_breaking_weights
         self.norm_ema_beta = norm_ema_beta
         self.eps = eps
@@ -56,9 +68,14 @@ class Arbitrator:
 
     def score(self, k: int, other: int) -> float:
         """``w_stab · max(0, cos(g_k, g_k_prev)) + w_str · s_k / (s_k + s_other)``."""
-        s_k, s_o = self._strength[k], self._strength[other]
-        strength = s_k / (s_k + s_o) if s_k + s_o > self.eps else 0.5
-        return self.stability_weight * self._stability[k] + self.strength_weight * strength
+        return self._score(k, other, self._strength, self._stability)
+
+    def _score(
+        self, k: int, other: int, strength: Sequence[float], stability: Sequence[float]
+    ) -> float:
+        s_k, s_o = strength[k], strength[other]
+        share = s_k / (s_k + s_o) if s_k + s_o > self.eps else 0.5
+        return self.stability_weight * stability[k] + self.strength_weight * share
 
     def dominant(self) -> int | None:
         """The loss that won each of the last ``dominance_window`` arbitrations, if any."""
@@ -73,15 +90,38 @@ class Arbitrator:
 
         An exact tie goes to the loss listed first (the lower index).
         """
+        winner, by_dominance = self.decide(i, j, self._strength, self._stability)
+        self.record(winner, by_dominance)
+        return winner, by_dominance
+
+    def record(self, winner: int, by_dominance: bool) -> None:
+        """Remember a winner; the bounded rule counts the outright wins in a row."""
+        bounded = self.dominance_rule == "bounded"
+        self.outright = self.outright + 1 if bounded and by_dominance else 0
+        self.history.append(winner)
+
+    def decide(
+        self, i: int, j: int, strength: Sequence[float], stability: Sequence[float]
+    ) -> tuple[int, bool]:
+        """:meth:`pick`'s rule with the given scores' inputs, recording nothing (under the bounded
+        rule a streak that has had its outright wins is forgotten first)."""
+        if self.dominance_rule == "bounded" and self.outright >= self.dominance_window:
+            self.history.clear()
+            self.outright = 0
         dominant = self.dominant()
         if dominant in (i, j):
-            winner, by_dominance = dominant, True
-        else:
-            si, sj = self.score(i, j), self.score(j, i)
-            winner = i if si > sj else j if sj > si else min(i, j)
-            by_dominance = False
-        self.history.append(winner)
-        return winner, by_dominance
+            return dominant, True
+        si = self._score(i, j, strength, stability)
+        sj = self._score(j, i, strength, stability)
+        return (i if si > sj else j if sj > si else min(i, j)), False
+
+    def strengths(self, norms: Sequence[float]) -> list[float]:
+        """``‖g_k‖ / ema_k`` against the EMAs as they stand (1 where a loss has none yet),
+        without updating them: representation mode's micro-batch decisions."""
+        return [
+            n / max(ema, self.eps) if ema is not None else 1.0
+            for n, ema in zip(norms, self.norm_ema, strict=True)
+        ]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         initialised = [e is not None for e in self.norm_ema]
@@ -89,7 +129,7 @@ class Arbitrator:
             "norm_ema": torch.tensor([e or 0.0 for e in self.norm_ema], dtype=torch.float64),
             "norm_ema_initialised": torch.tensor(initialised, dtype=torch.bool),
             "history": torch.tensor(list(self.history), dtype=torch.int64),
-        }
+        } | ({"outright": torch.tensor(self.outright)} if self.dominance_rule == "bounded" else {})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         emas = state["norm_ema"].tolist()
@@ -97,10 +137,12 @@ class Arbitrator:
         self.norm_ema = [e if f else None for e, f in zip(emas, flags, strict=True)]
         self.history.clear()
         self.history.extend(int(w) for w in state["history"].tolist())
+        self.outright = int(state["outright"]) if "outright" in state else 0
 
     def __repr__(self) -> str:
         return (
             f"Arbitrator(num_losses={self.num_losses}, dominance_window={self.dominance_window}, "
             f"tie_breaking_weights=({self.stability_weight}, {self.strength_weight}), "
-            f"norm_ema_beta={self.norm_ema_beta}, eps={self.eps})"
+            f"norm_ema_beta={self.norm_ema_beta}, eps={self.eps}, "
+            f"dominance_rule={self.dominance_rule!r})"
         )

@@ -8,7 +8,7 @@ rule, is in ``docs/algorithm.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,13 +18,24 @@ from . import _validation as v
 from ._accumulate import Accumulator, DataProvider, Gradients, LossFn
 from ._config import ConductorConfig, config_from
 from ._distributed import distributed, is_ddp, on_any_rank
+from ._representation import RepresentationAccumulator
 from ._resolution import ZONES, cosine_matrix
-from ._resolve import ConflictResolver, Resolver
+from ._resolve import ConflictResolver, Resolved, Resolver
 from ._sharded import ShardedAccumulator, ShardedUpdater, pack, shard_group, unpack
 from ._update import Updater
 
 _STATE_FORMAT = "gcond.GradientConductor/1"
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+# Statistics a step between full ones cannot compute (NaN there).
+_RESOLUTION_STATS = (
+    "min_cosine_sim",
+    "cos/",
+    "proj_iters",
+    "conflicts/",
+    "wins/",
+    "dominance",
+    "raw_norm/",
+)
 
 
 class GradientConductor:
@@ -45,6 +56,12 @@ class GradientConductor:
       ``p.grad`` and skips steps with non-finite gradients.
     * ``resolver``: what turns the gradients into merge weights; default the conductor's own
       :class:`ConflictResolver`; e.g. a :class:`WeightingResolver` over a TorchJD weighting.
+    * ``split``: ``(trunk, heads)``, for ``gradients_at="representation"`` (and only then):
+      ``trunk(x) -> z``, a tensor, the representation shared by the losses (called as the model
+      is: ``trunk(*x)`` for a tuple, ``trunk(**x)`` for a mapping), and ``heads(z) -> output``,
+      what the loss functions receive, so that ``model(x) == heads(trunk(x))``. Their parameters
+      are ``model``'s; the ones the heads reach get their exact gradients, the trunk's the merged
+      one (``docs/algorithm.md``, "Gradients at the representation").
     * ``**options``: any :class:`ConductorConfig` field by name, applied on top of ``config``
       (``GradientConductor(model, fns, lambdas, 8, momentum_beta=0.9)``).
 
@@ -63,10 +80,12 @@ class GradientConductor:
         autocast_dtype: torch.dtype | None = None,
         scaler: torch.amp.GradScaler | None = None,
         resolver: Resolver | None = None,
+        split: tuple[Callable[..., Any], Callable[..., Any]] | None = None,
         **options: Any,
     ) -> None:
         config = config_from(config, accumulation_steps, options)
         _check_inputs(model, loss_fns, lambdas, autocast_dtype, scaler, resolver)
+        _check_split(split, config)
         for problem in config.problems_with_losses(len(loss_fns)):
             raise problem.error()
         self.config = config
@@ -98,8 +117,15 @@ class GradientConductor:
         if self.sharded:
             _check_sharded(config)
             self._group = shards
+        self.resolver: Resolver = resolver or ConflictResolver(self.loss_names, config)
+        self.split = split
         sharding = {"names": names} if self.sharded else {}
-        self.accumulator = (ShardedAccumulator if self.sharded else Accumulator)(
+        extra: dict[str, Any] = dict(sharding)
+        kind: type[Accumulator] = ShardedAccumulator if self.sharded else Accumulator
+        if split is not None:
+            kind = RepresentationAccumulator
+            extra = {"trunk": split[0], "heads": split[1], "decide": self._decide}
+        self.accumulator = kind(
             self._module,
             params,
             self.loss_fns,
@@ -108,9 +134,10 @@ class GradientConductor:
             autocast_dtype=autocast_dtype,
             scaler=scaler,
             group=self._group,
-            **sharding,
+            **extra,
         )
-        self.resolver: Resolver = resolver or ConflictResolver(self.loss_names, config)
+        # The merge weights of the last full step, reused until the next (resolve_every > 1).
+        self.last_weights: torch.Tensor | None = None
         self.updater = (ShardedUpdater if self.sharded else Updater)(
             params, config, scaler=scaler, group=self._group, **sharding
         )
@@ -125,8 +152,25 @@ class GradientConductor:
         return self.finish(self.accumulate(data_provider))
 
     def accumulate(self, data_provider: DataProvider) -> Gradients:
-        """Step 1: the K per-loss gradients of this step, and what the host needs of them."""
-        return self.accumulator.accumulate(data_provider)
+        """Step 1: the K per-loss gradients of this step, and what the host needs of them; on a
+        step between full ones (``resolve_every`` > 1), the merged gradient alone."""
+        if self.full_step_next:
+            return self.accumulator.accumulate(data_provider)
+        return self.accumulator.accumulate_merged(data_provider, self.last_weights)
+
+    @property
+    def full_step_next(self) -> bool:
+        """Whether the next step resolves: every ``resolve_every``-th applied step (counting
+        from 0, so the first one is), and any step before the first applied full one."""
+        every = self.config.resolve_every
+        return self.last_weights is None or self.updater.steps % every == 0
+
+    def _decide(self, gram: torch.Tensor) -> Resolved:
+        """Representation mode: one micro-batch's merge weights from its Gram matrix."""
+        if isinstance(self.resolver, ConflictResolver):
+            return self.resolver.decide(gram)
+        # Another resolver sees each micro-batch as a step (its state, if any, moves with it).
+        return self.resolver.resolve(Gradients(gram.new_zeros(0), gram, [], None))
 
     def finish(self, gradients: Gradients) -> dict[str, float]:
         """Steps 2-10: skip on non-finite gradients, else resolve, update and write ``p.grad``."""
@@ -136,16 +180,43 @@ class GradientConductor:
             # leave the others waiting in the all-reduce of the update.
             bad = on_any_rank(bad, self._group, self.device)
         stats = self._base_stats(gradients.loss_means, bad)
+        if self.config.resolve_every > 1:
+            stats["full_step"] = float(gradients.full)
         if any(bad):
             self.updater.skip()
             return stats
-        stats.update(self._gradient_stats(gradients))
-        resolved = self.resolver.resolve(gradients)
-        stats.update(resolved.stats)
-        stats["final_grad_norm"] = self.updater.apply(gradients, resolved.weights)
-        self.accumulator.commit(gradients.norms)
+        if not gradients.full:  # between full steps: nothing per loss was computed
+            for key in stats:
+                if key.startswith(_RESOLUTION_STATS):
+                    stats[key] = math.nan
+            stats["final_grad_norm"] = self._apply_merged(gradients)
+        elif gradients.merged is None:
+            stats.update(self._gradient_stats(gradients))
+            resolved = self.resolver.resolve(gradients)
+            stats.update(resolved.stats)
+            stats["final_grad_norm"] = self.updater.apply(gradients, resolved.weights)
+            self.last_weights = resolved.weights
+        else:  # representation mode: decided and merged during accumulation
+            stats.update(self._gradient_stats(gradients))
+            decided = gradients.decided
+            if isinstance(self.resolver, ConflictResolver):
+                wins = [decided.stats.get(f"wins/{n}", 0.0) for n in self.loss_names]
+                self.resolver.settle(gradients.norms, wins)
+            stats.update(decided.stats)
+            for name, ema in zip(self.loss_names, self._norm_emas(), strict=True):
+                stats[f"norm_ema/{name}"] = math.nan if ema is None else float(ema)
+            stats["final_grad_norm"] = self._apply_merged(gradients)
+            self.last_weights = decided.weights
+        if gradients.full:
+            self.accumulator.commit(gradients.norms)
         stats["step"] = float(self.updater.steps)
         return stats
+
+    def _apply_merged(self, gradients: Gradients) -> float:
+        """Update with a gradient merged during accumulation: weight 1, Gram its squared norm."""
+        square = torch.tensor([[gradients.merged_sq]], dtype=torch.float64)
+        merged = Gradients(gradients.stack, square, [], None)
+        return self.updater.apply(merged, torch.ones(1, dtype=torch.float64))
 
     # ------------------------------------------------------------------ state
 
@@ -164,6 +235,8 @@ class GradientConductor:
             **self.accumulator.state_dict(),
             "momentum": self.updater.momentum_state(),
             **self.resolver.state_dict(),
+            "gradients_at": self.config.gradients_at,
+            "last_weights": None if self.last_weights is None else self.last_weights.clone(),
         }
         return pack(state) if self.sharded else state
 
@@ -193,6 +266,12 @@ class GradientConductor:
                 f"conductor state is for other parameters: {len(shapes)} tensors saved, "
                 f"{len(self._shapes)} in the model; first mismatch at parameter {diff}"
             )
+        saved_at = state.get("gradients_at", "parameters")
+        if saved_at != self.config.gradients_at:
+            raise ValueError(
+                f"conductor state was written with gradients_at={saved_at!r}, this conductor has "
+                f"gradients_at={self.config.gradients_at!r}"
+            )
         momentum, buffer = state["momentum"], self.updater.momentum.buffer
         if (momentum is None) != (buffer is None):
             raise ValueError("conductor state and this conductor disagree on momentum (beta > 0)")
@@ -200,6 +279,8 @@ class GradientConductor:
         self.accumulator.load_state_dict(dict(state))
         self.updater.load_momentum(momentum)
         self.resolver.load_state_dict(state)
+        weights = state.get("last_weights")
+        self.last_weights = None if weights is None else weights.to(torch.float64).clone()
 
     # ------------------------------------------------------------------ reading
 
@@ -228,6 +309,7 @@ class GradientConductor:
             "autocast_dtype": self.autocast_dtype,
             "scaler": self.scaler,
             "resolver": self.resolver,
+            "split": self.split,
         }
         return "GradientConductor(" + ", ".join(f"{k}={a!r}" for k, a in args.items()) + ")"
 
@@ -283,8 +365,36 @@ def _pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
+def _check_split(split: Any, config: ConductorConfig) -> None:
+    """``split=(trunk, heads)`` exactly when ``gradients_at="representation"``."""
+    representation = config.gradients_at == "representation"
+    if split is None and representation:
+        raise ValueError(
+            "gradients_at='representation' needs split=(trunk, heads): trunk(x) -> z, the "
+            "representation the losses share (a tensor), and heads(z) -> the output the loss "
+            "functions receive, with model(x) == heads(trunk(x))"
+        )
+    if split is not None and not representation:
+        raise ValueError(
+            "split=(trunk, heads) is for gradients_at='representation'; pass "
+            "gradients_at='representation' with it, or leave split out"
+        )
+    if split is not None and (
+        not isinstance(split, (tuple, list)) or len(split) != 2 or not all(map(callable, split))
+    ):
+        raise TypeError(f"split must be a pair of callables (trunk, heads), got {split!r}")
+
+
 def _check_sharded(config: ConductorConfig) -> None:
     """What a ``fully_shard`` model rules out, said before the first step."""
+    for name, value, default in (
+        ("gradients_at", config.gradients_at, "parameters"),
+        ("resolve_every", config.resolve_every, 1),
+    ):
+        if value != default:
+            raise ValueError(
+                f"{name}={value!r} is not supported under fully_shard; leave {name} at {default!r}"
+            )
     if config.ddp_sync != "grads":
         raise ValueError(
             f"ddp_sync={config.ddp_sync!r} is for DistributedDataParallel; under fully_shard, "

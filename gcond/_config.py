@@ -61,10 +61,18 @@ class ConductorConfig:
     * ``projection_max_iters``: most resolution iterations per step; ``None`` = 2·K.
     * ``dominance_window``: a loss that won the last this-many arbitrations wins the next one
       outright; 0 turns the rule off.
+    * ``dominance_rule``: ``"bounded"`` (default: a streak earns at most ``dominance_window``
+      outright wins, then the scores decide again) or ``"sticky"`` (the original rule: outright
+      wins extend the streak, so a dominant loss keeps winning while conflicts go on).
     * ``tie_breaking_weights``: ``(stability, strength)`` weights of the arbitrator's score,
       ≥ 0 with a positive sum.
     * ``norm_ema_beta``: EMA factor of each loss's gradient norm (the strength score), in [0, 1).
     * ``norm_cap``: cap on each raw per-loss gradient's norm before resolution; ``None`` = none.
+    * ``norm_equalization``: ``"max"`` rescales each per-loss gradient before resolution so that
+      its norm (an EMA over steps of it) equals the largest one's, as DB-MTL does; ``"off"``
+      (default) leaves the norms as they are.
+    * ``norm_equalization_beta``: EMA factor over steps of each loss's gradient norm that
+      ``norm_equalization`` equalises, in [0, 1); 0 = this step's norms.
     * ``momentum_beta``: the conductor's own momentum, in [0, 1); 0 = off (the optimizer keeps
       its own).
     * ``use_lion``: write ``sign`` of the momentum (needs ``momentum_beta`` > 0).
@@ -84,6 +92,12 @@ class ConductorConfig:
       (batched, sequential for good if it cannot run) or ``"benchmark"`` (times both on the
       first micro-batch and keeps the faster; fastest, but two runs may differ in the last bits).
     * ``eps``: guards divisions, > 0.
+    * ``gradients_at``: where the per-loss gradients are taken: ``"parameters"`` (exact, K
+      backwards through the whole model) or ``"representation"``, the output of the model's
+      shared trunk (K backwards through the heads, one through the trunk; needs
+      ``split=(trunk, heads)`` on the conductor).
+    * ``resolve_every``: resolve on every R-th applied step only, ≥ 1; the steps between take
+      one backward per micro-batch of the weighted sum, with the last full step's weights.
     """
 
     accumulation_steps: int = 1
@@ -92,9 +106,12 @@ class ConductorConfig:
     conflict_thresholds: tuple[float, float, float] = (-0.8, -0.5, 0.0)
     projection_max_iters: int | None = None
     dominance_window: int = 3
+    dominance_rule: Literal["bounded", "sticky"] = "bounded"
     tie_breaking_weights: tuple[float, float] = (0.8, 0.2)
     norm_ema_beta: float = 0.95
     norm_cap: float | None = None
+    norm_equalization: Literal["off", "max"] = "off"
+    norm_equalization_beta: float = 0.9
     momentum_beta: float = 0.0
     use_lion: bool = False
     trust_ratio_coef: float | None = None
@@ -106,6 +123,8 @@ class ConductorConfig:
     ddp_sync: Literal["grads", "update", "none"] = "grads"
     per_loss_backward: Literal["auto", "batched", "sequential", "benchmark"] = "auto"
     eps: float = 1e-8
+    gradients_at: Literal["parameters", "representation"] = "parameters"
+    resolve_every: int = 1
 
     def __post_init__(self) -> None:
         if type(self.grad_dtype).__name__ == "dtype":  # a torch.dtype, without importing torch
@@ -115,7 +134,14 @@ class ConductorConfig:
         # Tuples of floats, whatever sequence of numbers was given.
         for name in ("conflict_thresholds", "tie_breaking_weights"):
             object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
-        for name in ("norm_ema_beta", "momentum_beta", "trust_ratio_clip", "remap_power", "eps"):
+        for name in (
+            "norm_ema_beta",
+            "norm_equalization_beta",
+            "momentum_beta",
+            "trust_ratio_clip",
+            "remap_power",
+            "eps",
+        ):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     @classmethod
@@ -134,7 +160,16 @@ class ConductorConfig:
     def problems(self) -> Iterator[ConfigProblem]:
         """Every bad value, field by field, then the rules between fields."""
         yield from _int(self, "accumulation_steps", low=1)
-        for name in ("accumulation", "resolution", "grad_dtype", "ddp_sync", "per_loss_backward"):
+        for name in (
+            "accumulation",
+            "resolution",
+            "dominance_rule",
+            "norm_equalization",
+            "grad_dtype",
+            "ddp_sync",
+            "per_loss_backward",
+            "gradients_at",
+        ):
             yield from _choice(self, name, _choices(name))
         yield from _reals(self, "conflict_thresholds", 3, low=-1.0, high=1.0)
         yield from _int(self, "projection_max_iters", low=0, allow_none=True)
@@ -142,11 +177,13 @@ class ConductorConfig:
         yield from _reals(self, "tie_breaking_weights", 2, low=0.0)
         yield from _real(self, "norm_ema_beta", low=0.0, high=1.0, high_open=True)
         yield from _real(self, "norm_cap", low=0.0, low_open=True, allow_none=True)
+        yield from _real(self, "norm_equalization_beta", low=0.0, high=1.0, high_open=True)
         yield from _real(self, "momentum_beta", low=0.0, high=1.0, high_open=True)
         yield from _real(self, "trust_ratio_coef", low=0.0, low_open=True, allow_none=True)
         yield from _real(self, "trust_ratio_clip", low=0.0, low_open=True)
         yield from _real(self, "remap_power", low=0.0, low_open=True)
         yield from _real(self, "eps", low=0.0, low_open=True)
+        yield from _int(self, "resolve_every", low=1)
         for name in ("use_lion", "return_raw_grad", "freeze_bn"):
             if not isinstance(getattr(self, name), bool):
                 yield ConfigProblem((name,), getattr(self, name), "a bool", wrong_type=True)
@@ -169,6 +206,13 @@ class ConductorConfig:
         if self.use_lion is True and self.momentum_beta == 0:
             yield ConfigProblem(
                 ("momentum_beta",), self.momentum_beta, "a value > 0 when use_lion is on"
+            )
+        if self.gradients_at == "representation" and self.accumulation == "stochastic":
+            yield ConfigProblem(
+                ("accumulation",),
+                self.accumulation,
+                "'full' with gradients_at='representation' (its per-loss gradients are already "
+                "cheap: K backwards through the heads, one through the trunk)",
             )
 
     def problems_with_losses(self, num_losses: int) -> Iterator[ConfigProblem]:

@@ -30,6 +30,7 @@ pages count only once written).
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import sys
 import time
@@ -87,7 +88,7 @@ class MethodRun:
             source, batches = pool
             self.run = build_run(recipe, device, targets=components, data=source)
             self.clock = Clock(device)
-            self.resolves = resolves(recipe.conductor.method)  # per-loss gradients, resolved
+            self.resolves = resolves(self.run.method)  # per-loss gradients, resolved
             cursor = iter(range(1 << 62))
             self.provider = lambda: batches[next(cursor) % len(batches)]
             for _ in range(warmup):
@@ -131,7 +132,7 @@ class MethodRun:
         resolution = self.clock.seconds("accumulated", "finished") if self.resolves else 0.0
         self.parts["resolution"].append(resolution)
         self.parts["optimizer"].append(self.clock.seconds("finished", "end"))
-        if MIN_COSINE in stats:
+        if not math.isnan(stats.get(MIN_COSINE, math.nan)):  # NaN: weights reused
             self.cosines.append(stats[MIN_COSINE])
             self.iters.append(stats.get("proj_iters", 0.0))
 
@@ -145,6 +146,9 @@ class MethodRun:
             "method": self.name,
             "step_ms": 1000 * medians["step"],
             "step_ms_all": [1000 * t for t in self.parts["step"]],
+            # With conductor.resolve_every = R the steps differ (one full in R): the mean over a
+            # multiple of R steps is the cost per step, the median is a step between.
+            "step_ms_mean": 1000 * statistics.fmean(self.parts["step"]),
             "accumulation_ms": 1000 * medians["accumulation"],
             "resolution_ms": 1000 * medians["resolution"],
             "optimizer_ms": 1000 * medians["optimizer"],
@@ -155,7 +159,9 @@ class MethodRun:
             "conflict_steps": sum(c < weak for c in self.cosines) if self.cosines else None,
             "proj_iters_mean": statistics.fmean(self.iters) if self.iters else None,
         }
-        if self.resolves:  # resolution timed on gradients that conflict
+        # In representation mode the resolution runs per micro-batch, inside the accumulation
+        # timing; there are no K×P accumulators to time it on made-up gradients.
+        if self.resolves and method.config.gradients_at == "parameters":
             steps = len(self.parts["step"])
             conflict = conflict_timing(method, self.device, max(3, min(steps, 10)))
             result["resolution_conflict_ms"] = 1000 * conflict["seconds"]

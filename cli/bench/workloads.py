@@ -13,7 +13,14 @@ import torch
 from ..errors import UsageError
 from ..methods import method_unavailable
 from ..options import parse_variants
-from ..recipe import ImageDataConfig, Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from ..recipe import (
+    ImageDataConfig,
+    LabDataConfig,
+    Recipe,
+    load_recipe,
+    recipe_from_dict,
+    recipe_to_dict,
+)
 
 DATA_POOL = 2  # distinct micro-batches cycled through (kept small: they count in the memory)
 
@@ -72,6 +79,29 @@ WORKLOADS: dict[str, dict] = {
         "conv_convnext_128", 128, 32, 16, {"name": "masked_conv", "backbone": "convnext_tiny"}
     ),
     "tiny": _workload("tiny", 16, 4, 4, TINY_VIT, n=2),
+    # K cheap heads on a shared MLP trunk that is most of the compute (the conflict lab's model):
+    # for the cost per step against K (``--losses K``) of full mode, stochastic accumulation,
+    # conductor.gradients_at=representation and conductor.resolve_every=R.
+    "heads": {
+        "name": "heads",
+        "seed": 0,
+        "device": "cpu",
+        "data": {
+            "dataset": "conflict_lab",
+            "micro_batch_size": 256,
+            "val_samples": 1,
+            "lab": {"direction": -0.5, "input_dim": 256, "output_dim": 16},
+        },
+        "model": {"name": "lab_mlp", "dim": 1024, "depth": 4},
+        "losses": {
+            "t1": {"kind": "task_mse", "weight": 0.5},
+            "t2": {"kind": "task_mse", "weight": 0.5},
+        },
+        "conductor": {"accumulation_steps": 4},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "schedule": {"max_steps": 1, "warmup_steps": 0},
+        "checkpoint": {"best_metric": "eval/mean_err", "best_mode": "min"},
+    },
 }
 
 
@@ -116,9 +146,12 @@ def bench_recipe(
     options += [f"model.depth={depth}"] if depth else []
     resolved = recipe_from_dict(raw, [*overrides, *options])
     data = resolved.data
-    if not isinstance(data, ImageDataConfig):  # the lab's or the user's data: measured as it is
+    if isinstance(data, LabDataConfig) and losses:  # K tasks of the lab, one head each
+        tasks = {f"t{k + 1}": {"kind": "task_mse", "weight": 1.0 / losses} for k in range(losses)}
+        return recipe_from_dict(recipe_to_dict(resolved), ["losses=" + json.dumps(tasks)])
+    if not isinstance(data, ImageDataConfig):  # the user's data: measured as it is
         if losses:
-            raise UsageError("--losses: only for recipes on an image data set")
+            raise UsageError("--losses: only for recipes on an image data set or the lab")
         return resolved
     synthetic = [
         "data.dataset=synthetic",

@@ -21,9 +21,10 @@ from .plan import Entry, Plan
 from .verdict import Verdict, paired_verdict, sentence
 
 # The eval metrics of the table for the built-in data sets, in its order (which way each
-# improves: `Recipe.better`); the conflict lab's per-task errors eval/err_<task> follow them.
-SHOWN_METRICS = ("l1", "ssim", "psnr", "accuracy", "mean_err")
-TASK_ERROR = "err_"
+# improves: `Recipe.better`); the per-task errors and accuracies follow them.
+SHOWN_METRICS = ("l1", "ssim", "psnr", "accuracy", "mean_err", "mean_acc")
+TASK_ERROR = "err_"  # the conflict lab's per-task errors, eval/err_<task>
+TASK_ACCURACY = "acc_"  # multidigits' per-task accuracies, eval/acc_<task>
 
 
 def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def shown_metrics(recipe: Recipe, present: set[str]) -> dict[str, str]:
         names = sorted(present)
     else:
         names = [m for m in SHOWN_METRICS if m in present]
-        names += sorted(m for m in present if m.startswith(TASK_ERROR))
+        names += sorted(m for m in present if m.startswith((TASK_ERROR, TASK_ACCURACY)))
     return {m: recipe.better(m) for m in names}
 
 

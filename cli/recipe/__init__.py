@@ -14,6 +14,8 @@ are valid.
 
 from ..errors import RecipeError
 from .components import (
+    METHOD_NEEDS,
+    MULTIDIGITS_TASKS,
     AugmentConfig,
     CrossEntropyConfig,
     DataSection,
@@ -26,16 +28,22 @@ from .components import (
     MaskConfig,
     MaskedConvConfig,
     ModelSection,
+    MultidigitsCnnConfig,
+    MultidigitsDataConfig,
+    MultidigitsLossConfig,
     PixelLossConfig,
     SsimLossConfig,
     TargetConfig,
     TargetLoss,
     TaskLossConfig,
+    missing_dependency,
 )
 from .fields import (
     IMAGE_DATASETS,
+    LOG_TAKING,
     MAX_COUNT,
     MAX_SIZE,
+    OWN_LOSS_SCALES,
     RESERVED_LOSS_NAMES,
     SCALED_SUMS,
     TARGET_PATTERN,
@@ -71,8 +79,12 @@ from .schema import (
 
 __all__ = [
     "IMAGE_DATASETS",
+    "LOG_TAKING",
     "MAX_COUNT",
     "MAX_SIZE",
+    "METHOD_NEEDS",
+    "MULTIDIGITS_TASKS",
+    "OWN_LOSS_SCALES",
     "RESERVED_LOSS_NAMES",
     "SCALED_SUMS",
     "TARGET_PATTERN",
@@ -97,6 +109,9 @@ __all__ = [
     "MaskConfig",
     "MaskedConvConfig",
     "ModelSection",
+    "MultidigitsCnnConfig",
+    "MultidigitsDataConfig",
+    "MultidigitsLossConfig",
     "NonNegative",
     "OptimizerConfig",
     "PixelLossConfig",
@@ -112,6 +127,7 @@ __all__ = [
     "bundled_recipes",
     "dump_recipe_yaml",
     "load_recipe",
+    "missing_dependency",
     "name_problem",
     "recipe_from_dict",
     "recipe_to_dict",

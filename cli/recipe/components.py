@@ -2,11 +2,13 @@
 losses), each registered with its builder (``components.py``), the user's own (``target:``),
 and the method table."""
 
+import importlib.util
 from collections.abc import Iterator
 from typing import (
     TYPE_CHECKING,
     Annotated,
     Any,
+    ClassVar,
     Literal,
     Union,
 )
@@ -191,6 +193,8 @@ class _ImageModel(_Section):
     """Models of the image data sets: `(images, patch_mask)` in, `{"recon", "logits"}` out."""
 
     num_classes: int = Field(0, ge=0, le=MAX_SIZE)  # > 0 adds a classification head ("logits")
+    # Whether the model has trunk(x) and heads(z) (conductor.gradients_at: representation).
+    has_split: ClassVar[bool] = False
 
     def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
         if not isinstance(recipe.data, ImageDataConfig):
@@ -250,6 +254,7 @@ class LabModelConfig(_Section):
     """The conflict lab's model: a shared MLP trunk and one linear head per task."""
 
     name: Literal["lab_mlp"]
+    has_split: ClassVar[bool] = True  # trunk = the MLP up to z, heads = the gain/bias heads
     dim: Size = 128  # trunk width
     depth: Size = 4  # trunk hidden layers
 
@@ -341,6 +346,83 @@ class TaskLossConfig(_Section):
             )
 
 
+# Multidigits (cli/digits.py): each task, named by its loss, and its number of classes.
+MULTIDIGITS_TASKS = {"left": 10, "right": 10, "parity": 2, "sum": 19}
+
+
+@builtin("data", "multidigits", build="digits:build_multidigits_data")
+class MultidigitsDataConfig(_Section):
+    """Two real handwritten digits side by side: left, right, and their sum's parity or sum."""
+
+    dataset: Literal["multidigits"]
+    source: Literal["sklearn", "mnist"] = "sklearn"  # sklearn: bundled 8×8 digits; mnist: 28×28
+    root: str | None = None  # mnist: the folder that holds MNIST/ (default ~/.cache/gcond/datasets)
+    download: bool = False  # mnist: fetch it into root
+    micro_batch_size: Size = 32  # pairs
+    val_samples: Count = 2000  # fixed validation pairs of held-out digits
+
+    def metrics(self, recipe: "Recipe") -> dict[str, str]:
+        """Each task's accuracy (`acc_<task>`) and their mean."""
+        return {**{f"acc_{name}": "max" for name in recipe.losses}, "mean_acc": "max"}
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        """Multidigits goes with its model (or the user's) and one loss per task."""
+        if not isinstance(recipe.model, MultidigitsCnnConfig | TargetConfig):
+            yield _Issue(
+                ("model",),
+                _choice_of(recipe.model),
+                "multidigits_cnn (or your own model) with data.dataset multidigits",
+            )
+        for name, loss in recipe.losses.items():
+            if not isinstance(loss, MultidigitsLossConfig | TargetConfig):
+                yield _Issue(
+                    ("losses", name),
+                    _choice_of(loss),
+                    "kind task_cross_entropy with data.dataset multidigits (one loss per task)",
+                )
+            elif name not in MULTIDIGITS_TASKS:
+                yield _Issue(
+                    ("losses", name),
+                    name,
+                    "a loss named after its multidigits task: " + ", ".join(MULTIDIGITS_TASKS),
+                )
+
+
+@builtin("model", "multidigits_cnn", build="digits:build_multidigits_cnn")
+class MultidigitsCnnConfig(_Section):
+    """A small CNN for multidigits: a shared conv trunk to z, one linear head per task."""
+
+    name: Literal["multidigits_cnn"]
+    width: Size = 32  # channels of the first convolutions (the last has twice as many)
+    dim: Size = 64  # the shared representation z
+    has_split: ClassVar[bool] = True  # trunk = the convolutions to z, heads = one linear per task
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        if not isinstance(recipe.data, MultidigitsDataConfig):
+            yield _Issue(
+                ("model", "name"),
+                "multidigits_cnn",
+                "a model other than multidigits_cnn (it is for data.dataset multidigits)",
+            )
+
+
+@builtin("loss", "task_cross_entropy", build="digits:build_task_cross_entropy")
+class MultidigitsLossConfig(_Section):
+    """Multidigits: the cross-entropy of the task of the loss's name."""
+
+    kind: Literal["task_cross_entropy"]
+    weight: NonNegative  # the loss's lambda
+
+    def recipe_issues(self, recipe: "Recipe", name: str) -> Iterator[_Issue]:
+        if not isinstance(recipe.data, MultidigitsDataConfig):
+            yield _Issue(
+                ("losses", name, "kind"),
+                "task_cross_entropy",
+                "a loss for data.dataset "
+                f"{_choice_of(recipe.data)} (task_cross_entropy is for data.dataset multidigits)",
+            )
+
+
 def _choice_of(section: Any) -> str | None:
     """What a component section is, in the recipe's words: its built-in name or its target."""
     if isinstance(section, TargetConfig):
@@ -398,5 +480,43 @@ for _name, _build, _summary in (
     ("upgrad", "build_torchjd", "TorchJD's UPGrad (pip install 'gcond[torchjd]')"),
     ("mgda", "build_torchjd", "TorchJD's MGDA (pip install 'gcond[torchjd]')"),
     ("cagrad", "build_torchjd", "TorchJD's CAGrad (pip install 'gcond[torchjd,cagrad]')"),
+    # The peers of issue 18 (peers.py); the last three scalarise: one backward per micro-batch.
+    ("alignedmtl", "build_torchjd", "TorchJD's Aligned-MTL (pip install 'gcond[torchjd]')"),
+    ("imtlg", "build_torchjd", "TorchJD's IMTL-G (pip install 'gcond[torchjd]')"),
+    ("dualproj", "build_torchjd", "TorchJD's DualProj (pip install 'gcond[torchjd]')"),
+    ("config", "peers:build_torchjd_matrix", "TorchJD's ConFIG (pip install 'gcond[torchjd]')"),
+    ("nashmtl", "peers:build_torchjd_matrix", "TorchJD's NashMTL (pip install 'gcond[nashmtl]')"),
+    ("db-mtl", "peers:build_dbmtl", "DB-MTL: log losses, gradient EMAs rescaled to the largest"),
+    ("geometric-mean", "peers:build_scalarised", "TorchJD's GeometricMean of the losses"),
+    ("famo", "peers:build_scalarised", "TorchJD's FAMO (1 backward + 1 forward per micro-batch)"),
+    ("uncertainty", "peers:build_scalarised", "Kendall et al.'s learned log-variances"),
 ):
-    register("method", _name, f"methods:{_build}", summary=_summary)
+    register("method", _name, _build if ":" in _build else f"methods:{_build}", summary=_summary)
+
+# What a method needs beyond the harness: the modules, and the gcond extra that installs them.
+_TORCHJD_ONLY = (("torchjd",), "torchjd")
+_QUADPROG = (("torchjd", "quadprog", "qpsolvers"), "torchjd")
+METHOD_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    **dict.fromkeys(("pcgrad", "mgda", "alignedmtl", "imtlg", "config"), _TORCHJD_ONLY),
+    **dict.fromkeys(("geometric-mean", "famo"), _TORCHJD_ONLY),
+    **dict.fromkeys(("upgrad", "dualproj"), _QUADPROG),
+    "cagrad": (("torchjd", "cvxpy", "clarabel"), "cagrad"),
+    "nashmtl": (("torchjd", "cvxpy", "ecos"), "nashmtl"),
+}
+
+
+def missing_dependency(method: str) -> str | None:
+    """What ``method`` needs and is not installed, with the command that installs it; None when
+    nothing is missing. Looks the modules up without importing them (no torch)."""
+    modules, extra = METHOD_NEEDS.get(method, ((), ""))
+    missing = [name for name in modules if not _installed(name)]
+    if not missing:
+        return None
+    return f"method {method!r} needs {', '.join(missing)}: pip install 'gcond[{extra}]'"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ValueError, AttributeError):  # a module set to None in sys.modules (a test's stub)
+        return False

@@ -23,6 +23,10 @@ MAX_COUNT = 1_000_000_000  # steps, sample counts, intervals
 RESERVED_LOSS_NAMES = ("total",)  # `loss/total` is the weighted sum in the conductor's stats
 # The scale-only baselines: plain accumulation (`sum`) of the losses rescaled by `loss_scale`.
 SCALED_SUMS = {"sum-log": "log", "sum-normalized": "initial"}
+# Every method that sets the losses' scale itself: the scaled sums, and DB-MTL (log L_k).
+OWN_LOSS_SCALES = {**SCALED_SUMS, "db-mtl": "log"}
+# The methods that take the log of the losses themselves: they need L_k > 0, which log L_k is not.
+LOG_TAKING = ("geometric-mean", "famo")
 IMAGE_DATASETS = ("embedded", "faces", "cifar10", "stl10", "imagefolder", "synthetic")
 # A reference to the user's code: "package.module:attr.path" or "path/file.py:attr.path".
 TARGET_PATTERN = r"[^:\s][^:]*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"

@@ -25,8 +25,10 @@ from gcond._config import ConductorConfig as LibraryConductorConfig
 from ..components import names
 from .components import DataSection, ImageDataConfig, LossSection, ModelSection, TargetConfig
 from .fields import (
+    LOG_TAKING,
     MAX_COUNT,
     MAX_SIZE,
+    OWN_LOSS_SCALES,
     SCALED_SUMS,
     Beta,
     Count,
@@ -205,6 +207,7 @@ class Recipe(_Section):
         if not any(weights.values()):
             yield _Issue(("losses",), weights, "at least one loss with weight > 0")
         yield from self._accumulation_issues()
+        yield from self._split_issues()
         method = self.conductor.method
         if method in SCALED_SUMS and self.loss_scale not in ("none", SCALED_SUMS[method]):
             yield _Issue(
@@ -214,9 +217,41 @@ class Recipe(_Section):
                 f"sum with loss_scale {SCALED_SUMS[method]}); for sum with loss_scale "
                 f"{self.loss_scale}, use conductor.method: sum",
             )
+        own = OWN_LOSS_SCALES.get(method)
+        if method not in SCALED_SUMS and own and self.loss_scale not in ("none", own):
+            yield _Issue(
+                ("loss_scale",),
+                self.loss_scale,
+                f"'none' or '{own}' with conductor.method {method} (which trains with "
+                f"loss_scale {own} itself)",
+            )
+        if method in LOG_TAKING and self.loss_scale == "log":
+            yield _Issue(
+                ("loss_scale",),
+                self.loss_scale,
+                f"'none' or 'initial' with conductor.method {method} (which takes the log of "
+                "the losses itself, and log L_k can be negative)",
+            )
         yield from self._metric_issues()
         if self.eval.args and self.eval.target is None:
             yield _Issue(("eval", "args"), self.eval.args, "no args without eval.target")
+
+    def _split_issues(self) -> Iterator[_Issue]:
+        """A built-in model without trunk(x)/heads(z) cannot take gradients at the
+        representation (the user's model is checked when it is built)."""
+        uses_conductor = self.conductor.method not in ("sum", *SCALED_SUMS)
+        if (
+            uses_conductor
+            and self.conductor.gradients_at == "representation"
+            and not getattr(self.model, "has_split", True)
+        ):
+            yield _Issue(
+                ("conductor", "gradients_at"),
+                "representation",
+                f"'parameters' with model.name {getattr(self.model, 'name', '?')}, which has no "
+                "trunk(x) and heads(z) to say where its shared trunk ends (lab_mlp has them; "
+                "for your own model, add trunk(x) and heads(z): README, 'Your own model')",
+            )
 
     def metrics(self) -> dict[str, str] | None:
         """The evaluation's metrics and whether each is better high ("max") or low ("min");

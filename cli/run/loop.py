@@ -30,7 +30,7 @@ from ..errors import (
     TrainingStopped,
     UsageError,
 )
-from ..methods import describe, effective_loss_scale, resolves
+from ..methods import describe, effective_loss_scale, follows_ddp_sync
 from ..recipe import Recipe, recipe_to_dict
 from ..tasks import batch_size
 from . import checkpoint, distributed
@@ -60,7 +60,7 @@ class Trainer:
         if (
             self.dist.active
             and recipe.conductor.ddp_sync == "none"
-            and resolves(recipe.conductor.method)
+            and follows_ddp_sync(recipe.conductor.method)
         ):
             raise UsageError(
                 "conductor.ddp_sync: 'none' leaves synchronising the processes to the training "

@@ -53,6 +53,10 @@ class StatefulDataSource(DataSource, Protocol):
 
 
 class ModelBuilder(Protocol):
+    """``build(**args)`` -> the model. For ``conductor.gradients_at: representation`` the model
+    also has ``trunk(x) -> z`` (one tensor) and ``heads(z) -> output``, with
+    ``model(x) == model.heads(model.trunk(x))`` (README, "Your own model")."""
+
     def __call__(self, **args: Any) -> nn.Module: ...
 
 

@@ -215,9 +215,13 @@ class ShapesNet(nn.Module):
         self.size = nn.Linear(hidden, 1)
         self.centre = nn.Linear(hidden, 2)
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        z = self.trunk(images)
+    def heads(self, z: Tensor) -> dict[str, Tensor]:
+        """The three heads on the representation z = ``self.trunk(images)``: with ``trunk``
+        this is the split that ``conductor.gradients_at: representation`` uses."""
         return {"shape": self.shape(z), "size": self.size(z).squeeze(1), "centre": self.centre(z)}
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.heads(self.trunk(images))
 
 
 def build_model(width: int = 16, hidden: int = 128) -> nn.Module:

@@ -105,6 +105,9 @@ def test_bench_refuses_bad_requests() -> None:
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_every_workload_is_a_valid_recipe(name: str) -> None:
     recipe = bench_recipe(None, ["device=cpu"], workload=name)
+    if name == "heads":  # the conflict lab's data: drawn fresh, nothing to make synthetic
+        assert recipe.data.dataset == "conflict_lab"
+        return
     assert recipe.data.dataset == "synthetic"
     assert recipe.data.train_samples >= recipe.data.micro_batch_size
 
@@ -240,3 +243,25 @@ def test_bad_variants_are_refused(variant: str, message: str) -> None:
     result = runner.invoke(app, ["bench", *args])
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_the_heads_workload_has_one_lab_task_per_loss() -> None:
+    recipe = bench_recipe(None, [], workload="heads", losses=16)
+    assert list(recipe.losses) == [f"t{k}" for k in range(1, 17)]
+    assert recipe.model.name == "lab_mlp" and recipe.data.dataset == "conflict_lab"
+    assert sum(loss.weight for loss in recipe.losses.values()) == pytest.approx(1.0)
+
+
+def test_bench_times_the_cheap_modes_on_the_heads_workload(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    variants = [
+        "rep:conductor.gradients_at=representation",
+        "every2:conductor.resolve_every=2",
+    ]
+    args = ["bench", "-w", "heads", "--losses", "3", "model.dim=32", "data.micro_batch_size=8"]
+    args += ["--methods", "conductor,conductor-stochastic", *FAST, "--json", str(out)]
+    result = runner.invoke(app, [*args, *(a for v in variants for a in ("--variant", v))])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["sum", "conductor", "conductor-stochastic", "rep", "every2"]
+    assert report["num_losses"] == 3

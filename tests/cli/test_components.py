@@ -12,6 +12,7 @@ from gcond_cli.recipe import (
     LabModelConfig,
     MaeVitConfig,
     MaskedConvConfig,
+    MultidigitsCnnConfig,
     RecipeError,
     recipe_from_dict,
 )
@@ -20,7 +21,7 @@ from tests.helpers import TINY
 
 
 def test_the_built_ins_by_kind():
-    assert names("model") == ("mae_vit", "masked_conv", "lab_mlp")
+    assert names("model") == ("mae_vit", "masked_conv", "lab_mlp", "multidigits_cnn")
     assert names("data") == (
         "embedded",
         "faces",
@@ -29,8 +30,17 @@ def test_the_built_ins_by_kind():
         "imagefolder",
         "synthetic",
         "conflict_lab",
+        "multidigits",
     )
-    assert names("loss") == ("l1", "mse", "ssim", "ms_ssim", "cross_entropy", "task_mse")
+    assert names("loss") == (
+        "l1",
+        "mse",
+        "ssim",
+        "ms_ssim",
+        "cross_entropy",
+        "task_mse",
+        "task_cross_entropy",
+    )
     assert names("method") == (
         "conductor",
         "conductor-stochastic",
@@ -41,11 +51,21 @@ def test_the_built_ins_by_kind():
         "upgrad",
         "mgda",
         "cagrad",
+        "alignedmtl",
+        "imtlg",
+        "dualproj",
+        "config",
+        "nashmtl",
+        "db-mtl",
+        "geometric-mean",
+        "famo",
+        "uncertainty",
     )
     assert [lookup("model", n).section for n in names("model")] == [
         MaeVitConfig,
         MaskedConvConfig,
         LabModelConfig,
+        MultidigitsCnnConfig,
     ]
 
 
@@ -87,8 +107,9 @@ def test_each_built_in_has_its_own_section():
 def test_a_wrong_name_lists_every_registered_choice():
     (error,) = _errors(_raw(name="mae_vt"))
     assert error == (
-        "model.name: got 'mae_vt', expected one of 'mae_vit', 'masked_conv', 'lab_mlp', or "
-        "target: 'module:function' for your own code; did you mean 'mae_vit'?"
+        "model.name: got 'mae_vt', expected one of 'mae_vit', 'masked_conv', 'lab_mlp', "
+        "'multidigits_cnn', or target: 'module:function' for your own code; did you mean "
+        "'mae_vit'?"
     )
     (error,) = _errors(_raw(dim=8))
     assert error.startswith("model.name: required key is missing; expected one of 'mae_vit'")

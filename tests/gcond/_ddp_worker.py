@@ -71,10 +71,25 @@ def conductor(
     ddp_sync: str,
     accumulation_steps: int = MICRO_BATCHES,
     poisoned: Callable[[], bool] = lambda: False,
+    **options: Any,
 ) -> GradientConductor:
     return GradientConductor(
-        model, loss_fns(poisoned), LAMBDAS, accumulation_steps, momentum_beta=0.5, ddp_sync=ddp_sync
+        model,
+        loss_fns(poisoned),
+        LAMBDAS,
+        accumulation_steps,
+        momentum_beta=0.5,
+        ddp_sync=ddp_sync,
+        **options,
     )
+
+
+def representation(model: nn.Module) -> dict[str, Any]:
+    """Representation mode over ``make_model``'s split (trunk: the first layer and its tanh),
+    resolving every other step."""
+    module = getattr(model, "module", model)
+    split = (module[:2], module[2])
+    return {"gradients_at": "representation", "split": split, "resolve_every": 2}
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -184,6 +199,17 @@ def scenario_mode(rank: int, ddp_sync: str) -> dict[str, Any]:
     return result
 
 
+def scenario_representation(rank: int) -> dict[str, Any]:
+    model = make_model()
+    ddp, buckets = ddp_with_hook_counter(model)
+    cond = conductor(ddp, "grads", **representation(ddp))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    result = train(cond, model, opt, rank, range(STEPS + 1))
+    result["ddp_buckets_during_conductor"] = list(buckets)
+    result["state"] = cond.state_dict()
+    return result
+
+
 def scenario_nan_on_one_rank(rank: int, ddp_sync: str) -> dict[str, Any]:
     """Rank 1's ``fit`` loss is NaN at step 1: every rank must skip that step together."""
     current = {"step": -1}
@@ -247,6 +273,7 @@ def run(rank: int, out_dir: str) -> None:
             "nan_grads": scenario_nan_on_one_rank(rank, "grads"),
             "nan_update": scenario_nan_on_one_rank(rank, "update"),
             "benchmark": scenario_benchmark(rank),
+            "representation": scenario_representation(rank),
         }
         torch.save(results, out / f"rank{rank}.pt")
     finally:

@@ -186,6 +186,63 @@ def test_every_pick_records_its_winner():
     assert list(arb.history) == winners
 
 
+def test_sticky_dominance_never_lets_go_while_conflicts_go_on():
+    # The original rule: outright wins extend the streak, so once loss 0 has won 3 in a row it
+    # wins every later arbitration whatever the scores say.
+    arb = arbitrator(dominance_window=3, dominance_rule="sticky")
+    favour(arb, 0)
+    assert [arb.pick(0, 1) for _ in range(3)] == [(0, False)] * 3
+    favour(arb, 1)
+    assert [arb.pick(0, 1) for _ in range(20)] == [(0, True)] * 20
+
+
+def test_bounded_dominance_gives_a_streak_window_outright_wins_then_the_scores_decide():
+    arb = arbitrator(dominance_window=3, dominance_rule="bounded")
+    favour(arb, 0)
+    assert [arb.pick(0, 1) for _ in range(3)] == [(0, False)] * 3
+    favour(arb, 1)  # the scores now favour loss 1
+    assert [arb.pick(0, 1) for _ in range(3)] == [(0, True)] * 3
+    assert arb.pick(0, 1) == (1, False)  # the streak has had its 3 outright wins
+    assert list(arb.history) == [1]
+    # A new streak is earned on score: that win and 2 more, then 3 outright wins.
+    assert [arb.pick(0, 1) for _ in range(2)] == [(1, False)] * 2
+    favour(arb, 0)
+    assert [arb.pick(0, 1) for _ in range(4)] == [(1, True)] * 3 + [(0, False)]
+
+
+def test_bounded_dominance_streak_restarts_after_a_score_decision():
+    # An outright win, then a pair without the dominant loss (scores decide): the count of
+    # outright wins in a row restarts.
+    arb = arbitrator(3, dominance_window=2, dominance_rule="bounded")
+    favour(arb, 0)
+    assert [arb.pick(0, 1), arb.pick(0, 2)] == [(0, False)] * 2
+    assert arb.pick(0, 1) == (0, True)
+    assert arb.outright == 1
+    favour(arb, 2)
+    assert arb.pick(1, 2) == (2, False) and arb.outright == 0
+
+
+def test_bounded_state_keeps_the_count_of_outright_wins():
+    arb = arbitrator(dominance_window=1, dominance_rule="bounded")
+    favour(arb, 0)
+    assert [arb.pick(0, 1), arb.pick(0, 1)] == [(0, False), (0, True)]
+    restored = arbitrator(dominance_window=1, dominance_rule="bounded")
+    restored.load_state_dict(arb.state_dict())
+    restored.observe([1.0, 1.0], [0.9, -0.5])
+    # The streak has had its one outright win: the scores decide the next pick, in both.
+    assert restored.pick(0, 1) == arb.pick(0, 1) == (0, False)
+    # A state of the sticky rule (no count) loads with the count at 0.
+    sticky = Arbitrator(2, dominance_window=1, dominance_rule="sticky").state_dict()
+    assert "outright" not in sticky
+    restored.load_state_dict(sticky)
+    assert restored.outright == 0
+
+
+def test_dominance_rule_is_checked():
+    with pytest.raises(ValueError, match="dominance_rule"):
+        arbitrator(dominance_rule="loose")
+
+
 # ----------------------------------------------------------------------------- state
 
 
@@ -216,8 +273,11 @@ step_lists = st.lists(
     window=st.integers(0, 3),
     through_file=st.booleans(),
 )
-def test_state_round_trip_preserves_decisions(before, after, window: int, through_file: bool):
-    kwargs = {"dominance_window": window, "norm_ema_beta": 0.9}
+@pytest.mark.parametrize("rule", ["sticky", "bounded"])
+def test_state_round_trip_preserves_decisions(
+    before, after, window: int, through_file: bool, rule: str
+):
+    kwargs = {"dominance_window": window, "norm_ema_beta": 0.9, "dominance_rule": rule}
     original = Arbitrator(3, **kwargs)
     run_steps(original, before)
     state = original.state_dict()
@@ -230,6 +290,7 @@ def test_state_round_trip_preserves_decisions(before, after, window: int, throug
     restored.load_state_dict(state)
     assert restored.norm_ema == original.norm_ema
     assert list(restored.history) == list(original.history)
+    assert restored.outright == original.outright
     assert run_steps(restored, after) == run_steps(original, after)
     assert restored.norm_ema == original.norm_ema
 
@@ -256,5 +317,5 @@ def test_repr_shows_every_constructor_argument():
     )
     assert repr(arb) == (
         "Arbitrator(num_losses=3, dominance_window=5, tie_breaking_weights=(0.6, 0.4), "
-        "norm_ema_beta=0.9, eps=1e-06)"
+        "norm_ema_beta=0.9, eps=1e-06, dominance_rule='bounded')"
     )

@@ -159,19 +159,24 @@ def run_steps(model, cond, optimizer, data, start, count):
     return grads
 
 
-def make_stateful(seed=0):
+def make_stateful(seed=0, **options):
     torch.manual_seed(seed)
     model = SmallNet()
     cond = GradientConductor(
-        model, {"mse": mse, "l1": l1}, {"mse": 0.5, "l1": 0.5}, 2, momentum_beta=0.9
+        model, {"mse": mse, "l1": l1}, {"mse": 0.5, "l1": 0.5}, 2, momentum_beta=0.9, **options
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.0, 0.95))
     return model, cond, optimizer
 
 
-def test_state_dict_round_trip_is_bit_identical():
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"norm_equalization": "max", "dominance_rule": "bounded", "dominance_window": 1}],
+    ids=["default", "equalized-bounded"],
+)
+def test_state_dict_round_trip_is_bit_identical(options):
     data = [batches(2, seed=s) for s in range(5)]
-    model, cond, optimizer = make_stateful()
+    model, cond, optimizer = make_stateful(**options)
     run_steps(model, cond, optimizer, data, 0, 3)
     buffer = io.BytesIO()
     torch.save(
@@ -180,7 +185,7 @@ def test_state_dict_round_trip_is_bit_identical():
     )
     uninterrupted = run_steps(model, cond, optimizer, data, 3, 2)
 
-    model2, cond2, optimizer2 = make_stateful(seed=1)  # different init: everything must load
+    model2, cond2, optimizer2 = make_stateful(seed=1, **options)  # other init: all must load
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     model2.load_state_dict(saved["model"])
@@ -239,6 +244,9 @@ def _good_kwargs():
         ("tie_breaking_weights", (-1.0, 2.0), ValueError),
         ("norm_ema_beta", 1.0, ValueError),
         ("norm_cap", 0.0, ValueError),
+        ("norm_equalization", "mean", ValueError),
+        ("norm_equalization_beta", 1.0, ValueError),
+        ("dominance_rule", "none", ValueError),
         ("momentum_beta", 1.0, ValueError),
         ("momentum_beta", -0.1, ValueError),
         ("use_lion", True, ValueError),  # needs momentum_beta > 0

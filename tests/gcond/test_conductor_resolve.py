@@ -136,6 +136,18 @@ def test_norm_cap_rescales_before_resolution_but_reports_raw():
     assert_close_list(grad_of(model), [1.0, 0.5, 0.0])
 
 
+def test_norm_equalization_writes_the_equalised_sum_and_reports_raw_norms():
+    # g_a = (1, 0, 0), g_b = (0, 4, 3): norms 1 and 5, orthogonal. First step: s = (5, 1), so
+    # p.grad = 5·g_a + g_b = (5, 4, 3). Second step, same gradients: the EMAs stay (1, 5).
+    model, cond = conductor_for([1, 0, 0], [0, 4, 3], norm_equalization="max")
+    stats = cond.step(constant_provider())
+    assert stats["raw_norm/a"] == 1.0 and stats["norm_scale/a"] == 5.0
+    assert stats["norm_scale/b"] == 1.0
+    assert grad_of(model) == [5.0, 4.0, 3.0]
+    cond.step(constant_provider())
+    assert grad_of(model) == [5.0, 4.0, 3.0]
+
+
 def test_loss_statistics_are_unweighted_means_and_total_is_weighted():
     model = Theta([1.0, 2.0])
     cond = GradientConductor(model, {"a": data_dot, "b": dot([1.0, 0.0])}, {"a": 0.5, "b": 2.0}, 2)

@@ -35,11 +35,16 @@ def num_params() -> int:
 
 
 def single_process(
-    batches_of_step, steps: int, ddp_sync: str = "grads", accumulation_steps: int = w.MICRO_BATCHES
+    batches_of_step,
+    steps: int,
+    ddp_sync: str = "grads",
+    accumulation_steps: int = w.MICRO_BATCHES,
+    representation: bool = False,
 ) -> tuple[list[torch.Tensor], list[dict[str, float]]]:
     """One process, no process group: parameters and stats after each step."""
     model = w.make_model()
-    cond = w.conductor(model, ddp_sync, accumulation_steps)
+    options = w.representation(model) if representation else {}
+    cond = w.conductor(model, ddp_sync, accumulation_steps, **options)
     opt = torch.optim.SGD(model.parameters(), lr=w.LR)
     params, stats = [], []
     for step in range(steps):
@@ -50,12 +55,15 @@ def single_process(
     return params, stats
 
 
-def union_reference(steps: int) -> tuple[list[torch.Tensor], list[dict[str, float]]]:
+def union_reference(
+    steps: int, representation: bool = False
+) -> tuple[list[torch.Tensor], list[dict[str, float]]]:
     """One process fed both ranks' micro-batches: N·world micro-batches per step."""
     return single_process(
         lambda step: w.rank_batches(0, step) + w.rank_batches(1, step),
         steps,
         accumulation_steps=w.MICRO_BATCHES * w.WORLD_SIZE,
+        representation=representation,
     )
 
 
@@ -195,3 +203,38 @@ def test_benchmark_backward_is_decided_together_by_every_rank(ranks):
         # One extra collective of two numbers, on the first step only.
         assert result["all_reduce"] == [[(2,), (K, p), (K,)], [(K, p), (K,)]]
     assert torch.equal(ranks[0]["benchmark"]["params"][1], ranks[1]["benchmark"]["params"][1])
+
+
+# ---------------------------------------------------------------------------------- representation
+
+
+def test_representation_mode_equals_one_process_that_saw_every_micro_batch(ranks):
+    """Micro-batch decisions read the arbitrator as it stood at the step's start, and it moves
+    once a step on totals summed over the ranks: every rank keeps the same state, and the run
+    equals one process fed the union (full steps and the ones between, resolve_every=2)."""
+    r0, r1 = ranks[0]["representation"], ranks[1]["representation"]
+    steps = w.STEPS + 1
+    ref_params, ref_stats = union_reference(steps, representation=True)
+    for step in range(steps):
+        assert torch.equal(r0["params"][step], r1["params"][step]), f"ranks differ at {step}"
+        assert_close(r0["params"][step], ref_params[step])
+        for key, value in ref_stats[step].items():
+            if value != value:  # NaN: not computed between full steps
+                assert r0["stats"][step][key] != r0["stats"][step][key], key
+                continue
+            assert r0["stats"][step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+            assert r1["stats"][step][key] == r0["stats"][step][key], key
+    assert [s["full_step"] for s in r0["stats"]] == [1.0, 0.0, 1.0, 0.0]
+    assert sum(s["proj_iters"] for s in r0["stats"][::2]) > 0  # resolution did act
+    flat0, flat1 = _flatten(r0["state"]), _flatten(r1["state"])
+    for key, value in flat0.items():
+        other = flat1[key]
+        same = torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+        assert same, key
+    p = num_params()
+    # Full steps: the step's K×K summary, then the merged P-sized gradient and the loss sums; steps
+    # between: the P-sized gradient and the loss sums. DDP's own all-reduce never fires.
+    k = K
+    assert r0["all_reduce"][0] == [(k * k + 2 * k + 5,), (p,), (k,)]
+    assert r0["all_reduce"][1] == [(p,), (k,)]
+    assert r0["ddp_buckets_during_conductor"] == []

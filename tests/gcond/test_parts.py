@@ -16,6 +16,7 @@ from gcond import (
     ConflictResolver,
     GradientConductor,
     Gradients,
+    NormEqualizer,
     Resolved,
     Resolver,
     Updater,
@@ -120,6 +121,99 @@ def test_weighting_resolver_feeds_the_capped_gram_and_returns_weights_on_raw_gra
     assert resolved.weights.tolist() == [0.5, 1.0] and resolved.stats == {}
     with pytest.raises(ValueError, match="2 weights"):
         WeightingResolver(lambda gram: torch.ones(3)).resolve(_gradients([[1.0], [1.0]]))
+
+
+def test_norm_equalization_scales_every_gradient_up_to_the_largest_norm():
+    # g_a = (1, 0), g_b = (0, 4): orthogonal, no conflict. First step: EMAs = norms (1, 4), so
+    # s = (4/1, 4/4) and the merge is 4·g_a + g_b; the statistic is the factor applied.
+    resolver = ConflictResolver(["a", "b"], ConductorConfig(norm_equalization="max"))
+    resolved = resolver.resolve(_gradients([[1.0, 0.0], [0.0, 4.0]]))
+    assert resolved.weights.tolist() == [4.0, 1.0]
+    assert resolved.stats["norm_scale/a"] == 4.0 and resolved.stats["norm_scale/b"] == 1.0
+    assert resolved.stats["conflicts/weak"] == 0.0
+
+
+def test_norm_equalization_follows_an_ema_of_the_norms_over_steps():
+    # β = 0.5 (exact in binary). Step 1: norms (1, 4) → EMAs (1, 4), s = (4, 1).
+    # Step 2: norms (3, 2) → EMAs (0.5·1 + 0.5·3, 0.5·4 + 0.5·2) = (2, 3), s = (3/2, 1): this
+    # step's g_a (norm 3) is scaled by 1.5, not brought to g_b's norm 2 of this step.
+    config = ConductorConfig(norm_equalization="max", norm_equalization_beta=0.5)
+    resolver = ConflictResolver(["a", "b"], config)
+    assert resolver.resolve(_gradients([[1.0, 0.0], [0.0, 4.0]])).weights.tolist() == [4.0, 1.0]
+    second = resolver.resolve(_gradients([[3.0, 0.0], [0.0, 2.0]]))
+    assert second.weights.tolist() == [1.5, 1.0]
+    assert resolver.equalizer is not None and resolver.equalizer.ema == [2.0, 3.0]
+    # β = 0: this step's norms exactly.
+    exact = ConflictResolver(["a", "b"], config.replace(norm_equalization_beta=0.0))
+    exact.resolve(_gradients([[1.0, 0.0], [0.0, 4.0]]))
+    assert exact.resolve(_gradients([[3.0, 0.0], [0.0, 2.0]])).weights.tolist() == [1.0, 1.5]
+
+
+def test_norm_equalization_comes_before_the_resolution():
+    # g_a = (1, 0), g_b = (-2, 4): cos = -2/√20 ≈ -0.447, a weak conflict. Equalised first:
+    # g_a' = √20·g_a. Then both are projected: g_a'' = g_a' − ⟨g_a', g_b⟩/‖g_b‖²·g_b
+    # = √20·g_a + (√20/10)·g_b and g_b' = g_b − ⟨g_a', g_b⟩/‖g_a'‖²·g_a' = g_b + 2·g_a.
+    resolver = ConflictResolver(["a", "b"], ConductorConfig(norm_equalization="max"))
+    resolved = resolver.resolve(_gradients([[1.0, 0.0], [-2.0, 4.0]]))
+    root = math.sqrt(20.0)
+    assert resolved.weights.tolist() == pytest.approx([root + 2.0, 1.0 + root / 10], rel=1e-15)
+    assert resolved.stats["conflicts/weak"] == 1.0
+
+
+def test_norm_cap_applies_to_the_equalised_norms():
+    # Norms (1, 4) equalised to (4, 4), then capped to 2: factors (4·0.5, 1·0.5).
+    config = ConductorConfig(norm_equalization="max", norm_cap=2.0)
+    resolved = ConflictResolver(["a", "b"], config).resolve(_gradients([[1.0, 0.0], [0.0, 4.0]]))
+    assert resolved.weights.tolist() == [2.0, 0.5]
+
+
+def test_a_vanished_gradient_is_not_blown_up_by_the_equalisation():
+    equalizer = NormEqualizer(2, beta=0.0, eps=1e-8)
+    assert equalizer.scales([0.0, 3.0]).tolist() == [1.0, 1.0]
+    assert equalizer.scales([1e-9, 3.0]).tolist() == [1.0, 1.0]
+
+
+def test_equalizer_state_round_trip_and_old_states_without_it():
+    config = ConductorConfig(norm_equalization="max", norm_equalization_beta=0.5)
+    resolver = ConflictResolver(["a", "b"], config)
+    resolver.resolve(_gradients([[1.0, 0.0], [0.0, 4.0]]))
+    state = resolver.state_dict()
+    assert list(state) == ["arbitrator", "norm_equalizer"]
+    restored = ConflictResolver(["a", "b"], config)
+    restored.load_state_dict(state)
+    step = _gradients([[3.0, 0.0], [0.0, 2.0]])
+    assert restored.resolve(step).weights.tolist() == resolver.resolve(step).weights.tolist()
+    assert restored.equalizer.ema == resolver.equalizer.ema == [2.0, 3.0]  # type: ignore[union-attr]
+    # A state saved without the equaliser (off, or older) starts its EMAs afresh.
+    fresh = ConflictResolver(["a", "b"], config)
+    fresh.load_state_dict({"arbitrator": state["arbitrator"]})
+    assert fresh.equalizer is not None and fresh.equalizer.ema == [None, None]
+    # With it off, the state is the arbitrator's alone and an equaliser's state is read as nothing.
+    off = ConflictResolver(["a", "b"], ConductorConfig())
+    off.load_state_dict(state)
+    assert list(off.state_dict()) == ["arbitrator"]
+
+
+def test_weighting_resolver_feeds_the_equalised_gram_and_keeps_the_emas():
+    seen = []
+
+    def weighting(gram: torch.Tensor) -> torch.Tensor:
+        seen.append(gram.clone())
+        return torch.tensor([1.0, 1.0], dtype=gram.dtype)
+
+    resolver = WeightingResolver(
+        weighting, norm_equalization="max", norm_equalization_beta=0.5, loss_names=["a", "b"]
+    )
+    first = resolver.resolve(_gradients([[1.0, 0.0], [0.0, 4.0]]))
+    assert seen[0].tolist() == [[16.0, 0.0], [0.0, 16.0]]
+    assert first.weights.tolist() == [4.0, 1.0]
+    assert first.stats == {"norm_scale/a": 4.0, "norm_scale/b": 1.0}
+    restored = WeightingResolver(weighting, norm_equalization="max", norm_equalization_beta=0.5)
+    restored.load_state_dict(resolver.state_dict())
+    step = _gradients([[3.0, 0.0], [0.0, 2.0]])
+    assert restored.resolve(step).weights.tolist() == resolver.resolve(step).weights.tolist()
+    with pytest.raises(ValueError, match="norm_equalization"):
+        WeightingResolver(weighting, norm_equalization="mean")
 
 
 # ------------------------------------------------------------------ update

@@ -1,0 +1,131 @@
+"""The README's measured tables, built from the ``summary.json`` files committed under ``docs/``.
+
+Several comparisons of one recipe (run with the same seeds, so runs of one seed share data and
+initial weights) are read as one: each entry's final metric per seed, paired by seed against
+each baseline with the harness's own verdict (``gcond_cli.verdict``), and, where a bench JSON
+is given, each entry's step time × ``sum`` from ``gcond bench``.
+
+    python docs/tables.py entries --metric mean_acc --baselines sum,sum-log \\
+        [--bench docs/bench/x.json] docs/quality/multidigits/*/summary.json
+    python docs/tables.py cells --metric mean_err --baselines sum,conductor \\
+        docs/quality/conflict_lab/*/summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from gcond_cli.verdict import BETTER, NOISE, WORSE, paired_verdict
+
+MARKS = {BETTER: "▲", WORSE: "▼", NOISE: "≈"}
+
+
+def load(paths: list[Path], metric: str) -> tuple[dict[str, dict[int, float]], str, dict]:
+    """``{entry: {seed: final metric}}`` over every summary (the first one that has an entry
+    gives it), the metric's direction, and each entry's median seconds per step."""
+    values: dict[str, dict[int, float]] = {}
+    seconds: dict[str, float] = {}
+    better = "min"
+    for path in paths:
+        summary = json.loads(path.read_text())
+        better = summary["metrics"].get(metric, better)
+        for entry, result in summary["results"].items():
+            if entry in values:
+                continue
+            finals = result[f"final/{metric}"]["values"]
+            values[entry] = dict(zip(summary["seeds"], finals, strict=True))
+            seconds[entry] = result.get("step_seconds", {}).get("mean", float("nan"))
+    return values, better, seconds
+
+
+def bench_ratios(path: Path | None) -> dict[str, float]:
+    """Each method's (or variant's) mean step time × sum's, from a ``gcond bench`` JSON."""
+    if path is None:
+        return {}
+    report = json.loads(path.read_text())
+    results = report["methods"]
+    base = results["sum"].get("step_ms_mean") or results["sum"]["step_ms"]
+    return {
+        name: (r.get("step_ms_mean") or r["step_ms"]) / base
+        for name, r in results.items()
+        if r.get("step_ms") is not None
+    }
+
+
+def mark(entry: dict[int, float], baseline: dict[int, float], better: str) -> str:
+    verdict = paired_verdict(entry, baseline, better)
+    if verdict is None:
+        return "–"
+    return f"{MARKS.get(verdict.label, '?')} {verdict.mean:+.3f}"
+
+
+def spread(values: dict[int, float]) -> str:
+    numbers = list(values.values())
+    std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+    return f"{statistics.fmean(numbers):.4f} ± {std:.4f}"
+
+
+def entries_table(args: argparse.Namespace) -> str:
+    values, better, seconds = load(args.summaries, args.metric)
+    ratios = bench_ratios(args.bench)
+    baselines = args.baselines.split(",")
+    head = [
+        "entry",
+        f"final {args.metric} ({'higher' if better == 'max' else 'lower'} is better)",
+        *[f"vs {b}" for b in baselines],
+        "step × sum (bench)" if ratios else "s/step (compare)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry, per_seed in values.items():
+        marks = [
+            "–" if entry == b else mark(per_seed, values[b], better)
+            for b in baselines
+            if b in values
+        ]
+        cost = f"{ratios[entry]:.2f}×" if entry in ratios else f"{seconds[entry]:.3f}"
+        lines.append(f"| `{entry}` | {spread(per_seed)} | " + " | ".join([*marks, cost]) + " |")
+    return "\n".join(lines)
+
+
+def cells_table(args: argparse.Namespace) -> str:
+    """One row per compare directory (a grid cell), one column per entry."""
+    baselines = args.baselines.split(",")
+    rows, entries = [], []
+    for path in args.summaries:
+        values, better, _ = load([path], args.metric)
+        entries = entries or list(values)
+        cells = []
+        for entry in entries:
+            marks = [mark(values[entry], values[b], better) for b in baselines if b != entry]
+            cells.append(f"{spread(values[entry])} " + " / ".join(marks))
+        rows.append(f"| {_cell_name(path)} | " + " | ".join(cells) + " |")
+    head = ["cell", *entries]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+
+
+def _cell_name(path: Path) -> str:
+    summary: dict[str, Any] = json.loads(path.read_text())
+    overrides = []
+    for override in summary.get("overrides", []):
+        key, _, value = override.partition("=")
+        overrides.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return " ".join(overrides) or path.parent.name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("layout", choices=["entries", "cells"])
+    parser.add_argument("summaries", nargs="+", type=Path)
+    parser.add_argument("--metric", required=True)
+    parser.add_argument("--baselines", default="sum")
+    parser.add_argument("--bench", type=Path)
+    args = parser.parse_args()
+    print(entries_table(args) if args.layout == "entries" else cells_table(args))
+
+
+if __name__ == "__main__":
+    main()
