@@ -14,7 +14,6 @@ are valid.
 
 from ..errors import RecipeError
 from .components import (
-    METHOD_NEEDS,
     MULTIDIGITS_TASKS,
     AugmentConfig,
     CrossEntropyConfig,
@@ -36,7 +35,6 @@ from .components import (
     TargetConfig,
     TargetLoss,
     TaskLossConfig,
-    missing_dependency,
 )
 from .fields import (
     IMAGE_DATASETS,
@@ -65,6 +63,7 @@ from .files import (
     recipes_dir,
     resolve_recipe_path,
 )
+from .method_table import METHOD_NEEDS, missing_dependency
 from .problems import validation_errors
 from .schema import (
     CheckpointConfig,

@@ -23,6 +23,7 @@ from pydantic import (
 from gcond._config import ConductorConfig as LibraryConductorConfig
 
 from ..components import names
+from . import method_table  # noqa: F401  (registers the methods the conductor section names)
 from .components import DataSection, ImageDataConfig, LossSection, ModelSection, TargetConfig
 from .fields import (
     LOG_TAKING,
