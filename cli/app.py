@@ -241,9 +241,10 @@ def compare(
         str | None,
         typer.Option(
             "--baseline",
-            metavar="METHOD",
-            help="The method or variant every other is judged against, seed by seed "
-            "(default: sum when compared, else the first).",
+            metavar="METHOD[,METHOD]",
+            help="The method or variant every other is judged against, seed by seed; several, "
+            "comma-separated, each get their verdicts, e.g. --baseline sum,sum-log (default: "
+            "sum when compared, else the first).",
             show_default=False,
         ),
     ] = None,
@@ -253,13 +254,13 @@ def compare(
 
     Prints the eval metrics (mean ± std over seeds), time per step against `sum`, how often
     the losses conflicted and how far their gradient norms differ; then, for every method
-    against the baseline, the difference paired by seed with a 95 % interval and a verdict
+    against each baseline, the difference paired by seed with a 95 % interval and a verdict
     (better, worse, within noise). Writes summary.json, report.md and PNG plots to the
     comparison's directory, where `tensorboard --logdir DIR` overlays every run.
     """
     roots = PluginRoots.from_options(plugin or ())
     loaded, path = _load(recipe, overrides, roots) if recipe is not None else (None, None)
-    from .compare import run_compare  # imports torch: only once the recipe is known good
+    from .compare.runner import run_compare  # imports torch: only once the recipe is known good
 
     code = run_compare(
         loaded,
@@ -367,7 +368,7 @@ def bench(
     Same model, data and settings for every method, in one process; the step is split into
     accumulation (forwards and backwards) and resolution + momentum + write-back.
     """
-    from .bench import run_bench  # imports torch
+    from .bench.runner import run_bench  # imports torch
 
     raise typer.Exit(
         run_bench(

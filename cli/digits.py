@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import _READ_ERRORS, DEFAULT_ROOT, BuiltinData, DatasetError, _generator
+from .data import DEFAULT_ROOT, BuiltinData, DatasetError, _generator
+from .data.sets import _READ_ERRORS
 from .recipe import MULTIDIGITS_TASKS
 
 SKLEARN_DIGITS = 1797  # the digits in scikit-learn's wheel (sklearn/datasets/data/digits.csv.gz)

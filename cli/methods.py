@@ -1,10 +1,15 @@
 """Every way of turning K losses into ``p.grad`` behind one small interface.
 
-The training loop calls ``method.step(data_provider)`` and gets a flat ``dict[str, float]`` of
-statistics; it never knows which method runs. ``conductor`` / ``conductor-stochastic`` are
-:class:`gcond.GradientConductor`; ``sum`` is plain gradient accumulation of ``Σ λ_k L_k``, the
-baseline every user has today; ``pcgrad``, ``upgrad``, ``mgda`` and ``cagrad`` are TorchJD's
-aggregators fed the conductor's per-loss gradients, accumulated over the same micro-batches.
+Every method has the conductor's face: ``accumulate(data_provider)`` runs one optimizer step's
+micro-batches (forwards, backwards and the method's one host sync), ``finish(gradients)`` turns
+what was accumulated into ``p.grad`` and returns a flat ``dict[str, float]`` of statistics, and
+``step`` is ``finish(accumulate(...))``; `describe` says in words how it gets its gradients. The
+training loop and ``gcond bench`` never know which method runs.
+
+``conductor`` / ``conductor-stochastic`` are :class:`gcond.GradientConductor`; ``sum`` is plain
+gradient accumulation of ``Σ λ_k L_k``, the baseline every user has today; ``pcgrad``,
+``upgrad``, ``mgda`` and ``cagrad`` are TorchJD's aggregators fed the conductor's per-loss
+gradients, accumulated over the same micro-batches.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import nn
 from gcond import GradientConductor, WeightingResolver, autocast, call_model, frozen_batchnorm
 
 from .components import builtins, lookup, names
-from .errors import UsageError
+from .errors import MethodUnavailable, UsageError
 from .losses import InitialScale, log_scaled
 from .recipe import OWN_LOSS_SCALES
 
@@ -33,15 +38,19 @@ TORCHJD_METHODS = tuple(
 CAGRAD_C = 0.4  # the CAGrad paper's multi-task setting
 
 
-class MethodUnavailable(ValueError):
-    """A method whose optional dependency is not installed; the message says what to install."""
-
-
 class Method(Protocol):
     """What the training loop needs from a gradient method."""
 
+    def accumulate(self, data_provider: Callable[[], Any]) -> Any:
+        """Run one optimizer step's micro-batches; returns what `finish` needs."""
+        ...
+
+    def finish(self, gradients: Any) -> dict[str, float]:
+        """Leave the gradient in ``p.grad``; returns the step's statistics."""
+        ...
+
     def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
-        """Run one optimizer step's micro-batches and leave the gradient in ``p.grad``."""
+        """``finish(accumulate(data_provider))``."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -198,6 +207,37 @@ def per_loss_backward_mode(method: Any) -> str | None:
     return method.backward_mode
 
 
+def describe(method: Any) -> str | None:
+    """How a full-mode conductor gets K gradients from one forward, in words (None for a method
+    that does one backward per micro-batch)."""
+    mode = per_loss_backward_mode(method)
+    if mode is None:
+        return None
+    text = f"{mode} backward (per_loss_backward: {method.config.per_loss_backward}"
+    timings = method.backward_timings
+    if timings:
+        times = ", ".join(f"{way} {1000 * t:.1f} ms" for way, t in timings.items())
+        text += f"; first micro-batch: {times}"
+    return text + ")"
+
+
+# The builders of the methods that sum the losses (scaled or weighted their own way), one
+# backward per micro-batch, synchronised like any DDP loop: nothing left to resolve.
+SUM_BUILDERS = ("methods:build_sum", "peers:build_scalarised")
+
+
+def follows_ddp_sync(name: str) -> bool:
+    """Whether method ``name`` follows ``conductor.ddp_sync`` (a conductor, a TorchJD weighting,
+    DB-MTL), as opposed to a sum of the losses, by the method table."""
+    return lookup("method", name).build not in SUM_BUILDERS
+
+
+def resolves(method: Any) -> bool:
+    """Whether a built method resolves per-loss gradients in its ``finish`` (it has the
+    conductor's configuration), as opposed to a sum, whose ``finish`` has nothing left to do."""
+    return getattr(method, "config", None) is not None
+
+
 def torchjd_aggregator(name: str) -> Any:
     """TorchJD's aggregator for ``name`` (one of :data:`TORCHJD_METHODS`), or MethodUnavailable
     naming the package to install."""
@@ -303,6 +343,15 @@ class SumMethod:
         self._step = 0
 
     def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+        return self.finish(self.accumulate(data_provider))
+
+    def finish(self, gradients: dict[str, float]) -> dict[str, float]:
+        """Nothing left to do: `accumulate` left the gradient in ``p.grad``."""
+        return gradients
+
+    def accumulate(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+        """The backwards of the N micro-batches, into ``p.grad``, and the step's statistics (its
+        one host sync)."""
         n = self.accumulation_steps
         sums = torch.zeros(len(self.loss_names), device=self.device)
         with frozen_batchnorm(self.model, self.freeze_bn):
@@ -393,12 +442,18 @@ class InitialScaleMethod:
         self.freeze_bn, self.autocast_dtype = freeze_bn, autocast_dtype
 
     def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+        return self.finish(self.accumulate(data_provider))
+
+    def accumulate(self, data_provider: Callable[[], Any]) -> Any:
         if self.scale.reference is None:
             batches = [data_provider() for _ in range(self.accumulation_steps)]
             self.scale.reference = self._measure(batches)
             replay = iter(batches)
             data_provider = functools.partial(next, replay)
-        return self.method.step(data_provider)
+        return self.method.accumulate(data_provider)
+
+    def finish(self, gradients: Any) -> dict[str, float]:
+        return self.method.finish(gradients)
 
     @torch.no_grad()
     def _measure(self, batches: list[Any]) -> torch.Tensor:

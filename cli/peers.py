@@ -305,7 +305,7 @@ class FAMOMethod(SumMethod):
         self._before += weighted.detach()
         return self.famo(weighted)
 
-    def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+    def accumulate(self, data_provider: Callable[[], Any]) -> dict[str, float]:
         self._update_weights()
         batches: list[Any] = []
 
@@ -314,7 +314,7 @@ class FAMOMethod(SumMethod):
             return batches[-1]
 
         self._before.zero_()
-        stats = super().step(recorded)
+        stats = super().accumulate(recorded)
         if not stats["skipped"]:
             self._pending = batches
         z = torch.softmax(self.famo.state_dict()["_w"], dim=0).tolist()
@@ -393,9 +393,9 @@ class UncertaintyMethod(SumMethod):
         s = self.log_vars
         return (self._lambdas * (0.5 * torch.exp(-s) * values + 0.5 * s)).sum()
 
-    def step(self, data_provider: Callable[[], Any]) -> dict[str, float]:
+    def accumulate(self, data_provider: Callable[[], Any]) -> dict[str, float]:
         self.log_vars.grad = None
-        stats = super().step(data_provider)
+        stats = super().accumulate(data_provider)
         grad = self.log_vars.grad
         if grad is not None and not stats["skipped"]:
             if self.scaler is not None and self.scaler.is_enabled():

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import RecipeError, UsageError
 
 ENTRY_POINT_GROUP = "gcond.plugins"
 # The arguments each kind of component receives from the harness, before the recipe's `args`.
@@ -61,10 +61,6 @@ _TRUST_HINT = (
     "A plugin is code: pass --plugin only for code you trust, "
     "e.g. --plugin my_mtl.py, --plugin src/ or --plugin my_project"
 )
-
-
-class ComponentError(RuntimeError):
-    """A user component broke its contract while the run was built or trained (exit code 1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,8 +378,6 @@ def references(recipe: Any) -> Iterator[Reference]:
 def resolve_references(recipe: Any, roots: PluginRoots) -> dict[str, Callable[..., Any]]:
     """{target key: callable} for every reference of the recipe, checked against its signature;
     every problem at once in one RecipeError (nothing is run but the plugins' module code)."""
-    from .recipe import RecipeError
-
     resolved, errors = {}, []
     seen: dict[str, str] = {}  # problem -> the first key it was reported for
     for ref in references(recipe):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gcond import call_model
 
-from .plugins import ComponentError
+from .errors import ComponentError
 
 Precision = Callable[[], AbstractContextManager[Any]]
 Images = dict[str, Tensor]
@@ -120,13 +120,19 @@ def checked_metrics(result: Any, key: str) -> dict[str, float]:
             f"{key} returned {type(result).__name__}, expected a dict of metric name -> float"
         )
     metrics = {}
-    for name, value in result.items():
+    for given, value in result.items():
         if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
             value = value.item()
+        # "eval/mae" is "mae": the harness adds the prefix, a name that has it already keeps one.
+        name = given.removeprefix("eval/") if isinstance(given, str) else given
         if not isinstance(name, str) or not name.replace("_", "").isalnum():
             raise ComponentError(
-                f"{key} returned the metric name {name!r}; expected names of letters, digits "
-                "and '_' (they become eval/<name>)"
+                f"{key} returned the metric name {given!r}; expected names of letters, digits "
+                "and '_' (they become eval/<name>; a leading eval/ is accepted)"
+            )
+        if name in metrics:
+            raise ComponentError(
+                f"{key} returned the metric {name!r} twice (as {name!r} and 'eval/{name}')"
             )
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ComponentError(

@@ -90,7 +90,8 @@ def parse_steps(text: str) -> Callable[[int], bool]:
 
 
 class _OsProxy:
-    """``os`` as ``gcond_cli.checkpoint`` sees it, with a ``replace`` that can be interrupted."""
+    """``os`` as ``gcond_cli.run.checkpoint`` sees it, with a ``replace`` that can be
+    interrupted."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -129,10 +130,11 @@ class _LimitedFile(io.FileIO):
 
 def _base(patch: Patch) -> None:
     """Patches every fault relies on: step tracking, checkpoint context, data and loss hooks."""
-    from gcond_cli import checkpoint, logger, run, train
     from gcond_cli.data import DeviceDataProvider
+    from gcond_cli.run import checkpoint, logger, loop
+    from gcond_cli.run import parts as run
 
-    original_step = train.Trainer.train_step
+    original_step = loop.Trainer.train_step
 
     def train_step(self: Any) -> dict[str, float]:
         STATE.step, STATE.micro_batch = self.step + 1, 0
@@ -143,9 +145,9 @@ def _base(patch: Patch) -> None:
             hook(STATE.step)
         return stats
 
-    patch(train.Trainer, "train_step", train_step)
+    patch(loop.Trainer, "train_step", train_step)
 
-    original_save = train.save_checkpoint
+    original_save = checkpoint.save_checkpoint
 
     def save_checkpoint(path: Path, payload: dict) -> None:
         STATE.writing = (Path(path).name, int(payload["step"]))
@@ -154,7 +156,7 @@ def _base(patch: Patch) -> None:
         finally:
             STATE.writing = None
 
-    patch(train, "save_checkpoint", save_checkpoint)
+    patch(checkpoint, "save_checkpoint", save_checkpoint)
     patch(checkpoint, "os", _OsProxy(os))
 
     def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import signal
 
-from gcond_cli import train
 from gcond_cli.app import main
+from gcond_cli.run import loop as train
 
 
 def inject(kind: str, rank: int, step: int) -> None:

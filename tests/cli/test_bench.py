@@ -8,13 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from gcond_cli.app import app
-from gcond_cli.bench import (
-    WORKLOADS,
-    LiveTensorBytes,
-    MethodRun,
-    bench_losses,
-    bench_recipe,
-)
+from gcond_cli.bench.meters import LiveTensorBytes
+from gcond_cli.bench.runner import MethodRun
+from gcond_cli.bench.workloads import WORKLOADS, bench_losses, bench_recipe
 from gcond_cli.methods import method_unavailable
 from tests.helpers import TINY
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcond_cli import checkpoint as ckpt
-from gcond_cli.checkpoint import (
+from gcond_cli.run import checkpoint as ckpt
+from gcond_cli.run.checkpoint import (
     CheckpointError,
     capture_rng_state,
     checkpoint_paths,

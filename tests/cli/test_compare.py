@@ -1,4 +1,5 @@
-"""`gcond compare` end to end on the tiny recipe, plus its argument parsing."""
+"""`gcond compare` end to end on the tiny recipe (its argument grammar: test_options.py; its
+summary and report: test_compare_report.py)."""
 
 import json
 import signal
@@ -13,8 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from typer.testing import CliRunner
 
 from gcond_cli.app import app
-from gcond_cli.compare import batch_checksum, parse_methods, parse_variant, split_top_level
-from gcond_cli.train import Trainer, UsageError
+from gcond_cli.run.loop import Trainer
 from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow  # integration: end-to-end comparisons
@@ -214,32 +214,3 @@ def test_bad_requests_exit_2_before_anything_runs(tmp_path: Path) -> None:
     result = _compare(tmp_path, "--methods", "conductor,sum", "--baseline", "sun")
     assert result.exit_code == 2 and "did you mean 'sum'" in result.output
     assert not (tmp_path / "tiny").exists()
-
-
-def test_split_and_parse_variants() -> None:
-    assert split_top_level("a=[0.0,0.95],b={x: 1, y: 2},c='p,q'") == [
-        "a=[0.0,0.95]",
-        "b={x: 1, y: 2}",
-        "c='p,q'",
-    ]
-    name, overrides = parse_variant(VARIANT)
-    assert name == "seed-momentum"
-    assert overrides == ["conductor.momentum_beta=0.9", "optimizer.betas=[0.0,0.95]"]
-    for bad in ("no-colon", "name:", ":a=1", "bad name:a=1", "v:a=1,oops"):
-        with pytest.raises(UsageError):
-            parse_variant(bad)
-    assert parse_methods("conductor, sum,upgrad") == ["conductor", "sum", "upgrad"]
-    with pytest.raises(UsageError, match="twice"):
-        parse_methods("sum,sum")
-
-
-def test_batch_checksum_sees_images_masks_and_targets() -> None:
-    import torch
-
-    images = torch.rand(2, 3, 4, 4)
-    mask = torch.tensor([[True, False], [False, True]])
-    batch = ((images, mask), {"image": images, "mask": mask.float()})
-    same = ((images.clone(), mask.clone()), {"mask": mask.float(), "image": images.clone()})
-    assert batch_checksum(batch) == batch_checksum(same)
-    flipped = ((images, ~mask), {"image": images, "mask": mask.float()})
-    assert batch_checksum(flipped) != batch_checksum(batch)

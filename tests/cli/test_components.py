@@ -16,7 +16,7 @@ from gcond_cli.recipe import (
     RecipeError,
     recipe_from_dict,
 )
-from gcond_cli.run import build_parts
+from gcond_cli.run.parts import build_parts
 from tests.helpers import TINY
 
 

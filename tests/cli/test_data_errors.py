@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from gcond_cli import data
 from gcond_cli.app import app
+from gcond_cli.data import folders
 from gcond_cli.recipe import ImageDataConfig
 from tests.helpers import TINY
 
@@ -233,9 +234,9 @@ def test_folder_too_large_for_memory_is_refused_up_front(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = image_folder(tmp_path / "d")
-    monkeypatch.setattr(data, "_available_memory", lambda: 10_000)
+    monkeypatch.setattr(folders, "_available_memory", lambda: 10_000)
     decoded = []
-    monkeypatch.setattr(data, "_open_rgb", lambda path: decoded.append(path))
+    monkeypatch.setattr(folders, "_open_rgb", lambda path: decoded.append(path))
     code, output = train(tmp_path, *folder_args(root))
     # 16 images × 3 × 32 × 32 bytes (32 = 2 × image_size) = 49 152 bytes
     assert_refused(tmp_path, code, output, f"{root} need 49.2 KB", "16 × 3 × 32 × 32 bytes")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from gcond_cli.compare import _shown_metrics, metric_better
+from gcond_cli.compare.results import shown_metrics
 from gcond_cli.data import DatasetError
 from gcond_cli.digits import (
     SKLEARN_DIGITS,
@@ -30,7 +30,7 @@ from gcond_cli.digits import (
     task_cross_entropy,
 )
 from gcond_cli.recipe import load_recipe, recipes_dir
-from gcond_cli.train import Trainer
+from gcond_cli.run.loop import Trainer
 
 RECIPE = recipes_dir() / "multidigits.yaml"
 SKLEARN = SimpleNamespace(source="sklearn", root=None, download=False)
@@ -268,9 +268,9 @@ def test_compare_ranks_the_accuracies_higher_is_better():
         "eval/mean_acc": "max",
     }
     present = {"acc_left", "acc_right", "acc_parity", "mean_acc"}
-    shown = _shown_metrics(recipe, present)
-    assert shown == ["mean_acc", "acc_left", "acc_parity", "acc_right"]
-    assert {metric_better(m, recipe) for m in shown} == {"max"}
+    shown = shown_metrics(recipe, present)
+    assert list(shown) == ["mean_acc", "acc_left", "acc_parity", "acc_right"]
+    assert {recipe.better(m) for m in shown} == set(shown.values()) == {"max"}
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcond_cli import distributed
 from gcond_cli.data import DeviceDataProvider, build_datasets
+from gcond_cli.errors import UsageError
 from gcond_cli.recipe import load_recipe
-from gcond_cli.train import Trainer, UsageError
+from gcond_cli.run import distributed
+from gcond_cli.run.loop import Trainer
 from tests.helpers import TINY
 
 FSDP = "distributed.strategy=fsdp"

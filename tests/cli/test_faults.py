@@ -31,9 +31,10 @@ import torch
 from typer.testing import CliRunner
 
 from gcond_cli.app import app
-from gcond_cli.checkpoint import load_checkpoint
+from gcond_cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from gcond_cli.recipe import load_recipe
-from gcond_cli.train import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Trainer
+from gcond_cli.run.checkpoint import load_checkpoint
+from gcond_cli.run.loop import Trainer
 from tests.cli import _fault_runner
 from tests.helpers import TINY
 

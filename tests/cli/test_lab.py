@@ -12,7 +12,7 @@ import torch
 
 from gcond_cli.lab import LabMLP, LabProblem, LabProvider, lab_eval_sums, lab_val_batches
 from gcond_cli.recipe import load_recipe, recipes_dir
-from gcond_cli.train import Trainer
+from gcond_cli.run.loop import Trainer
 
 LAB = recipes_dir() / "conflict_lab.yaml"
 

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from gcond_cli.logger import RunLogger
+from gcond_cli.run.logger import RunLogger
 
 RECIPE = {
     "name": "tiny",

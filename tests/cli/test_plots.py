@@ -1,4 +1,5 @@
-"""The compare report's PNG plots (`gcond_cli.plots`), drawn from hand-written metrics files."""
+"""The compare report's PNG plots (`gcond_cli.compare.plots`), drawn from hand-written metrics
+files."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from gcond_cli import plots
-from gcond_cli.plots import norm_ratio, write_plots
+from gcond_cli.compare import plots
+from gcond_cli.compare.plots import norm_ratio, write_plots
+from gcond_cli.run import files
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = {
@@ -83,16 +85,18 @@ def compare_dir(tmp_path: Path) -> Path:
 
 
 def test_metrics_file_name_matches_the_logger() -> None:
-    # Read from the logger's source: importing the logger would import torch.
-    source = (Path(plots.__file__).parent / "logger.py").read_text()
-    assigned = [
-        node.value.value
+    # The logger writes and the plots read the one name of run/files.py. Read from the logger's
+    # source: importing the logger would import torch.
+    source = (Path(files.__file__).parent / "logger.py").read_text()
+    imported = [
+        alias.name
         for node in ast.parse(source).body
-        if isinstance(node, ast.Assign)
-        and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["METRICS_FILE"]
-        and isinstance(node.value, ast.Constant)
+        if isinstance(node, ast.ImportFrom) and node.module == "files"
+        for alias in node.names
     ]
-    assert assigned == [plots.METRICS_FILE]
+    assert "METRICS_FILE" in imported
+    assert plots.METRICS_FILE is files.METRICS_FILE
+    assert files.METRICS_FILE == "metrics.jsonl"
 
 
 def test_writes_every_plot_as_png(compare_dir: Path) -> None:

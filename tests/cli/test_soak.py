@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gcond_cli.recipe import load_recipe
-from gcond_cli.train import Trainer
+from gcond_cli.run.loop import Trainer
 from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow  # integration: host memory over a run

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from typer.testing import CliRunner
 
 from gcond_cli.app import app
-from gcond_cli.train import Trainer
+from gcond_cli.run.loop import Trainer
 from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow  # integration: end-to-end training runs

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gcond_cli.verdict import (
+from gcond_cli.compare.verdict import (
     BETTER,
     NOISE,
     TOO_FEW,

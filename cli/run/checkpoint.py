@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .errors import GcondError
+from ..errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -33,10 +33,6 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-class CheckpointError(GcondError):
-    """A checkpoint could not be written or read; the message names the file and the cause."""
 
 
 class CheckpointPaths(NamedTuple):

@@ -14,11 +14,9 @@ by rich's own refresh thread (4 Hz) from the latest values, never from the loop.
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -29,20 +27,16 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from .files import METRICS_FILE, MIN_COSINE, SUMMARY_FILE
+from .tensorboard import (
+    custom_layout,
+    flatten_hparams,
+    image_grid,
+    numeric_leaves,
+)
+from .writing import drop_entries_after, json_safe, write_json_atomic
+
 __all__ = ["RunLogger"]
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-
-# Statistics groups that get one overlaid chart each in TensorBoard's custom-scalars tab. Regexes
-# (not tag lists) because the per-pair / per-loss names are only known once the run is going, and
-# because a regex also matches the same tags in the other runs of a compare.
-_CHART_GROUPS = {
-    "cosine similarity (before resolution)": r"^cos/.*",
-    "conflict zones (count per step)": r"^conflicts/.*",
-    "arbitration wins": r"^wins/.*",
-    "raw gradient norms": r"^raw_norm/.*",
-}
 
 
 class RunLogger:
@@ -113,7 +107,7 @@ class RunLogger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             metrics_path = self.run_dir / METRICS_FILE
             if start_step > 0:
-                _drop_entries_after(metrics_path, start_step)
+                drop_entries_after(metrics_path, start_step)
             # Line-buffered: each record reaches the OS as soon as it is written, so a crash
             # loses at most the line being written.
             self._jsonl = open(metrics_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
@@ -200,7 +194,7 @@ class RunLogger:
                 self._writer.add_scalar(tag, value, step)
             self._scalar_tags.update(metrics)
             for name, batch in (images or {}).items():
-                self._writer.add_image(f"images/{name}", _image_grid(batch), step)
+                self._writer.add_image(f"images/{name}", image_grid(batch), step)
         if self._console is not None:
             # Printed in live mode too: it lands above the live view and keeps the eval history.
             self._print(f"eval step {step} | {_format_metrics(metrics)}")
@@ -240,11 +234,11 @@ class RunLogger:
         )
         if start_step > 0:
             return  # the layout and hyper-parameters are already in the first events file
-        self._writer.add_custom_scalars(_custom_layout(self._loss_names()))
+        self._writer.add_custom_scalars(custom_layout(self._loss_names()))
         # Written through the run's own file writer: SummaryWriter.add_hparams would open a
         # separate sub-run. The session start goes out now so a crashed run still shows its
         # hyper-parameters; the experiment record (with metric names) and the end go at close.
-        _, session_start, _ = hparams(_flatten_hparams(self._recipe), {})
+        _, session_start, _ = hparams(flatten_hparams(self._recipe), {})
         self._writer.file_writer.add_summary(session_start)
 
     def _close(self, summary: dict | None, *, failed: bool) -> None:
@@ -256,7 +250,7 @@ class RunLogger:
                 self._live.stop()  # draws the final state once more and leaves it on screen
             if summary is not None and self.run_dir is not None:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                _write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+                write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         finally:
             if self._writer is not None:
                 self._write_final_hparams(summary, failed=failed)
@@ -267,12 +261,12 @@ class RunLogger:
     def _write_final_hparams(self, summary: dict | None, *, failed: bool) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        metrics = _numeric_leaves(summary) if summary is not None else dict(self._eval)
+        metrics = numeric_leaves(summary) if summary is not None else dict(self._eval)
         # The hparams plugin reads a metric's value from the scalar of the same tag in the run.
         for tag, value in metrics.items():
             if tag not in self._scalar_tags:
                 self._writer.add_scalar(tag, value, self._step)
-        experiment, _, session_end = hparams(_flatten_hparams(self._recipe), metrics)
+        experiment, _, session_end = hparams(flatten_hparams(self._recipe), metrics)
         self._writer.file_writer.add_summary(experiment)
         if not failed:
             # hparams() can only mark a session successful; a failed run leaves it open instead.
@@ -284,7 +278,7 @@ class RunLogger:
 
     def _write_record(self, record: dict) -> None:
         assert self._jsonl is not None
-        self._jsonl.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
+        self._jsonl.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     def _print(self, text: str, style: str | None = None) -> None:
         assert self._console is not None
@@ -313,8 +307,8 @@ class RunLogger:
         if "loss/total" in stats:
             detail = ", ".join(f"{name} {_num(v)}" for name, v in per_loss.items())
             parts.append(f"loss {stats['loss/total']:.4f}" + (f" ({detail})" if detail else ""))
-        if "min_cosine_sim" in stats:
-            parts.append(f"min_cos {stats['min_cosine_sim']:.2f}")
+        if MIN_COSINE in stats:
+            parts.append(f"min_cos {stats[MIN_COSINE]:.2f}")
         if (zones := _zones(stats)) is not None:
             parts.append(f"zones w/m/c {zones}")
         if "final_grad_norm" in stats:
@@ -344,8 +338,8 @@ class RunLogger:
         if "loss/total" in stats:
             losses = {"total": stats["loss/total"], **_loss_values(stats)}
             table.add_row("loss", "  ".join(f"{k} {_num(v)}" for k, v in losses.items()))
-        if "min_cosine_sim" in stats:
-            table.add_row("min cosine", f"{stats['min_cosine_sim']:.3f}")
+        if MIN_COSINE in stats:
+            table.add_row("min cosine", f"{stats[MIN_COSINE]:.3f}")
         if (zones := _zones(stats)) is not None:
             table.add_row("zones w/m/c", zones)
         wins = {k.removeprefix("wins/"): v for k, v in stats.items() if k.startswith("wins/")}
@@ -409,121 +403,3 @@ def _format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
-
-
-def _image_grid(batch: torch.Tensor) -> torch.Tensor:
-    """B×3×H×W in [0, 1] (any device/dtype) -> one 3×H'×W' float grid on the CPU."""
-    from torchvision.utils import make_grid
-
-    return make_grid(batch.detach().float().cpu().clamp(0.0, 1.0), padding=1)
-
-
-def _custom_layout(loss_names: Iterable[str]) -> dict:
-    """Custom-scalars layout: per-loss curves overlaid, one chart per statistics family.
-
-    In a compare (several runs under one logdir) each chart overlays the same tag across runs, so
-    ``loss/<name>`` puts every method's curve for that loss in one chart.
-    """
-    losses = {"all losses": ["Multiline", [r"^loss/.*"]]}
-    for name in [*loss_names, "total"]:
-        losses[f"loss/{name}"] = ["Multiline", [rf"^loss/{name}$"]]
-    conductor = {title: ["Multiline", [regex]] for title, regex in _CHART_GROUPS.items()}
-    return {
-        "losses": losses,
-        "conductor": conductor,
-        "eval": {"eval metrics": ["Multiline", [r"^eval/.*"]]},
-    }
-
-
-def _flatten_hparams(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    """Nested recipe dict -> {"optimizer.lr": 0.001, ...} with scalar values.
-
-    The hparams plugin only holds numbers, strings and bools; lists/tuples become their string
-    form, None is left out (the plugin has no null).
-    """
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten_hparams(value, name + "."))
-        elif value is None:
-            continue
-        elif isinstance(value, bool | int | float | str):
-            flat[name] = value
-        else:
-            flat[name] = str(list(value) if isinstance(value, tuple) else value)
-    return flat
-
-
-def _numeric_leaves(tree: Mapping, prefix: str = "") -> dict[str, float]:
-    """Finite numbers of a (nested) summary dict, keyed by their '/'-joined path."""
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_numeric_leaves(value, name + "/"))
-        elif (
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        ):
-            out[name] = float(value)
-    return out
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values; NaN/inf become null (JSON has no spelling for them)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    try:  # numpy scalars and the like
-        return _json_safe(float(value))
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file and rename it, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(data), f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _drop_entries_after(path: Path, last_step: int) -> None:
-    """On resume: keep only the records up to ``last_step`` (the steps the checkpoint holds).
-
-    A stopped run may have logged steps past its last checkpoint, and may have left half a line;
-    the resumed run logs those steps again.
-    """
-    if not path.exists():
-        return
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= last_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

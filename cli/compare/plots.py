@@ -16,11 +16,12 @@ importing this module stays cheap. Nothing here imports torch.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..run.files import METRICS_FILE, MIN_COSINE, norm_ratio, read_records
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["norm_ratio", "write_plots"]
 
-# Same file name as `gcond_cli.logger.METRICS_FILE` (tests check it): the logger module imports
-# torch, which this module must not pull in.
-METRICS_FILE = "metrics.jsonl"
 
 EVAL_CURVES_FILE = "eval_curves.png"
 GRADIENTS_FILE = "gradients.png"
@@ -50,22 +48,6 @@ _SEED_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 _Runs = dict[int, list[dict[str, Any]]]
 # A curve: sorted steps and their values.
 _Curve = tuple[list[float], list[float]]
-
-
-def norm_ratio(record: Mapping[str, Any]) -> float | None:
-    """Largest over smallest raw per-loss gradient norm of one train record.
-
-    Reads the finite, positive ``raw_norm/<loss>`` values; returns None when fewer than two are
-    left (one loss, the ``sum`` method, NaN or zero norms).
-    """
-    norms = [
-        float(v)
-        for k, v in record.items()
-        if k.startswith("raw_norm/") and _is_number(v) and math.isfinite(v) and v > 0
-    ]
-    if len(norms) < 2:
-        return None
-    return max(norms) / min(norms)
 
 
 def write_plots(compare_dir: Path, summary: Mapping[str, Any]) -> dict[str, str]:
@@ -114,16 +96,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics file; undecodable lines (a crash mid-write) are skipped."""
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and _is_number(record.get("step")):
-            records.append(record)
-    return records
+    """The records of a metrics file that have a step (see `files.read_records`)."""
+    return [r for r in read_records(path) if _is_number(r.get("step"))]
 
 
 def _load_runs(entry_dir: Path, seeds: Sequence[int]) -> _Runs:
@@ -314,9 +288,7 @@ def _gradients_figure(
 ) -> Figure | None:
     cosines = {
         name: [
-            c
-            for c in (_series(r, "train", _key("min_cosine_sim")) for r in runs[name].values())
-            if c[0]
+            c for c in (_series(r, "train", _key(MIN_COSINE)) for r in runs[name].values()) if c[0]
         ]
         for name in names
     }

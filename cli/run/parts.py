@@ -1,4 +1,4 @@
-"""One way to build a run: the model, data, losses and evaluation a recipe names — built-in
+"""The parts of a run: the model, data, losses and evaluation a recipe names — built-in
 components through the registry (``components.py``), the user's own through their targets
 (``plugins.py``) — shared by ``gcond train``, ``gcond compare`` and ``gcond bench``.
 
@@ -13,18 +13,22 @@ provider that returns no ``(input, target)``, a loss that is not a scalar) raise
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from .components import lookup
-from .plugins import INJECTED, ComponentError
-from .recipe import Recipe, TargetConfig
-from .tasks import LossEvaluation, Task, UserEvaluation
+from ..components import lookup
+from ..errors import ComponentError
+from ..plugins import INJECTED
+from ..recipe import Recipe, TargetConfig
+from ..tasks import LossEvaluation, Task, UserEvaluation
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -247,3 +251,47 @@ class CheckedLoss:
                 "(reduce it, e.g. with .mean())"
             )
         return value
+
+
+def batch_checksum(batch: Any) -> str:
+    """SHA-256 of a micro-batch: every tensor's dtype, shape and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()  # device-to-host copy: once per run
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            t = t.to(torch.uint8) if t.dtype == torch.bool else t
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, Mapping):
+            for key in sorted(obj):
+                digest.update(str(key).encode())
+                feed(obj[key])
+        elif isinstance(obj, list | tuple):
+            for item in obj:
+                feed(item)
+        else:
+            digest.update(repr(obj).encode())
+
+    feed(batch)
+    return digest.hexdigest()
+
+
+class FirstBatchRecorder:
+    """Stands in for a run's data provider: serves every micro-batch unchanged and writes the
+    checksum of the first one to ``path``. Anything else goes to the provider."""
+
+    def __init__(self, provider: Callable[[], Any], path: Path) -> None:
+        self._provider = provider
+        self._path = path
+        self._pending = True
+
+    def __call__(self) -> Any:
+        batch = self._provider()
+        if self._pending:
+            self._pending = False
+            self._path.write_text(json.dumps({"sha256": batch_checksum(batch)}) + "\n")
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._provider, name)
