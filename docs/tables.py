@@ -2,8 +2,8 @@
 
 Several comparisons of one recipe (run with the same seeds, so runs of one seed share data and
 initial weights) are read as one: each entry's final metric per seed, paired by seed against
-each baseline with the harness's own verdict (``gcond_cli.verdict``), and, where a bench JSON
-is given, each entry's step time × ``sum`` from ``gcond bench``.
+each baseline with the harness's own verdict (``gcond_cli.compare.verdict``), and, where a bench
+JSON is given, each entry's step time × ``sum`` from ``gcond bench``.
 
     python docs/tables.py entries --metric mean_acc --baselines sum,sum-log \\
         [--bench docs/bench/x.json] docs/quality/multidigits/*/summary.json
@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from gcond_cli.verdict import BETTER, NOISE, WORSE, paired_verdict
+from gcond_cli.compare.verdict import BETTER, NOISE, WORSE, paired_verdict
 
 MARKS = {BETTER: "▲", WORSE: "▼", NOISE: "≈"}
 

@@ -1,11 +1,11 @@
 """The method table: every method a recipe's ``conductor.method`` may name, registered with its
-builder (``methods.py``, ``peers.py``), and what each needs installed beyond the harness."""
+builder (``methods/``: ``base``, ``torchjd``, ``peers``), and what each needs installed beyond the harness."""
 
 import importlib.util
 
 from ..components import register
 
-# The methods, one entry each: name, builder (in methods.py), what it is.
+# The methods, one entry each: name, builder (in methods/), what it is.
 for _name, _build, _summary in (
     ("conductor", "build_conductor", "GradientConductor: conflicts resolved by zone or smoothly"),
     ("conductor-stochastic", "build_conductor", "the conductor, one loss per micro-batch"),
@@ -16,16 +16,32 @@ for _name, _build, _summary in (
     ("upgrad", "build_torchjd", "TorchJD's UPGrad (pip install 'gcond[torchjd]')"),
     ("mgda", "build_torchjd", "TorchJD's MGDA (pip install 'gcond[torchjd]')"),
     ("cagrad", "build_torchjd", "TorchJD's CAGrad (pip install 'gcond[torchjd,cagrad]')"),
-    # The peers of issue 18 (peers.py); the last three scalarise: one backward per micro-batch.
+    # The peers of issue 18 (methods/peers.py); the last three scalarise: one backward per micro-batch.
     ("alignedmtl", "build_torchjd", "TorchJD's Aligned-MTL (pip install 'gcond[torchjd]')"),
     ("imtlg", "build_torchjd", "TorchJD's IMTL-G (pip install 'gcond[torchjd]')"),
     ("dualproj", "build_torchjd", "TorchJD's DualProj (pip install 'gcond[torchjd]')"),
-    ("config", "peers:build_torchjd_matrix", "TorchJD's ConFIG (pip install 'gcond[torchjd]')"),
-    ("nashmtl", "peers:build_torchjd_matrix", "TorchJD's NashMTL (pip install 'gcond[nashmtl]')"),
-    ("db-mtl", "peers:build_dbmtl", "DB-MTL: log losses, gradient EMAs rescaled to the largest"),
-    ("geometric-mean", "peers:build_scalarised", "TorchJD's GeometricMean of the losses"),
-    ("famo", "peers:build_scalarised", "TorchJD's FAMO (1 backward + 1 forward per micro-batch)"),
-    ("uncertainty", "peers:build_scalarised", "Kendall et al.'s learned log-variances"),
+    (
+        "config",
+        "methods.peers:build_torchjd_matrix",
+        "TorchJD's ConFIG (pip install 'gcond[torchjd]')",
+    ),
+    (
+        "nashmtl",
+        "methods.peers:build_torchjd_matrix",
+        "TorchJD's NashMTL (pip install 'gcond[nashmtl]')",
+    ),
+    (
+        "db-mtl",
+        "methods.peers:build_dbmtl",
+        "DB-MTL: log losses, gradient EMAs rescaled to the largest",
+    ),
+    ("geometric-mean", "methods.peers:build_scalarised", "TorchJD's GeometricMean of the losses"),
+    (
+        "famo",
+        "methods.peers:build_scalarised",
+        "TorchJD's FAMO (1 backward + 1 forward per micro-batch)",
+    ),
+    ("uncertainty", "methods.peers:build_scalarised", "Kendall et al.'s learned log-variances"),
 ):
     register("method", _name, _build if ":" in _build else f"methods:{_build}", summary=_summary)
 

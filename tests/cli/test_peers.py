@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from gcond_cli.app import app
 from gcond_cli.methods import build_method, method_unavailable
-from gcond_cli.peers import (
+from gcond_cli.methods.peers import (
     UNCERTAINTY_LR,
     DBMTLResolver,
     TorchJDMatrixResolver,

@@ -1,16 +1,5 @@
-"""Every way of turning K losses into ``p.grad`` behind one small interface.
-
-Every method has the conductor's face: ``accumulate(data_provider)`` runs one optimizer step's
-micro-batches (forwards, backwards and the method's one host sync), ``finish(gradients)`` turns
-what was accumulated into ``p.grad`` and returns a flat ``dict[str, float]`` of statistics, and
-``step`` is ``finish(accumulate(...))``; `describe` says in words how it gets its gradients. The
-training loop and ``gcond bench`` never know which method runs.
-
-``conductor`` / ``conductor-stochastic`` are :class:`gcond.GradientConductor`; ``sum`` is plain
-gradient accumulation of ``Σ λ_k L_k``, the baseline every user has today; ``pcgrad``,
-``upgrad``, ``mgda`` and ``cagrad`` are TorchJD's aggregators fed the conductor's per-loss
-gradients, accumulated over the same micro-batches.
-"""
+"""What every method shares: the interface the loop and bench see, plain accumulation (``sum``
+and the scaled sums), the conductor's builder, and the wrapper that trains on ``L_k / L_k⁽⁰⁾``."""
 
 from __future__ import annotations
 
@@ -23,19 +12,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gcond import GradientConductor, WeightingResolver, autocast, call_model, frozen_batchnorm
+from gcond import GradientConductor, autocast, call_model, frozen_batchnorm
 
-from .components import builtins, lookup, names
-from .errors import MethodUnavailable, UsageError
-from .losses import InitialScale, log_scaled
-from .recipe import OWN_LOSS_SCALES
+from ..errors import UsageError
+from ..losses import InitialScale
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-METHODS = names("method")  # registered in recipe.py, one table entry each
-TORCHJD_METHODS = tuple(
-    name for name, entry in builtins("method").items() if entry.build.endswith(":build_torchjd")
-)
-CAGRAD_C = 0.4  # the CAGrad paper's multi-task setting
 
 
 class Method(Protocol):
@@ -56,57 +38,6 @@ class Method(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-def build_method(
-    conductor_cfg: Any,
-    model: nn.Module,
-    loss_fns: Mapping[str, LossFn],
-    lambdas: Mapping[str, float],
-    *,
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-    loss_scale: str = "none",
-) -> Method:
-    """The method a recipe's ``conductor`` section names, with every parameter it sets, fed
-    the losses rescaled by ``loss_scale`` (``sum-log``, ``sum-normalized`` and ``db-mtl`` set
-    their own)."""
-    mode = effective_loss_scale(conductor_cfg.method, loss_scale)
-    if mode == "log":
-        loss_fns = {name: log_scaled(fn) for name, fn in loss_fns.items()}
-    if mode != "initial":
-        return _build_method(conductor_cfg, model, loss_fns, lambdas, autocast_dtype, scaler)
-    scale = InitialScale(list(loss_fns))
-    scaled = {name: scale.wrap(name, fn) for name, fn in loss_fns.items()}
-    method = _build_method(conductor_cfg, model, scaled, lambdas, autocast_dtype, scaler)
-    return InitialScaleMethod(
-        method,
-        scale,
-        model,
-        loss_fns,
-        conductor_cfg.accumulation_steps,
-        freeze_bn=conductor_cfg.freeze_bn,
-        autocast_dtype=autocast_dtype,
-    )
-
-
-def effective_loss_scale(method: str, loss_scale: str) -> str:
-    """The loss scale a run trains with: the method's own (the scaled sums, db-mtl), else the
-    recipe's."""
-    return OWN_LOSS_SCALES.get(method, loss_scale)
-
-
-def _build_method(
-    cfg: Any,
-    model: nn.Module,
-    loss_fns: Mapping[str, LossFn],
-    lambdas: Mapping[str, float],
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-) -> Method:
-    """The registered builder of ``cfg.method`` (see the method table in ``recipe.py``)."""
-    build = lookup("method", cfg.method).builder()
-    return build(cfg, model, loss_fns, lambdas, autocast_dtype=autocast_dtype, scaler=scaler)
 
 
 def build_sum(
@@ -168,145 +99,6 @@ def model_split(model: nn.Module) -> tuple[Any, Any]:
             "conductor.gradients_at at parameters"
         )
     return trunk, heads
-
-
-def build_torchjd(
-    cfg: Any,
-    model: nn.Module,
-    loss_fns: Mapping[str, LossFn],
-    lambdas: Mapping[str, float],
-    *,
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-) -> Method:
-    """A TorchJD aggregator as the conductor's resolver: it shares the conductor's accumulation,
-    momentum and write-back (the resolution settings are then unused)."""
-    resolver = TorchJDResolver(
-        torchjd_aggregator(cfg.method),
-        norm_cap=cfg.norm_cap,
-        norm_equalization=cfg.norm_equalization,
-        norm_equalization_beta=cfg.norm_equalization_beta,
-        loss_names=list(loss_fns),
-    )
-    return build_conductor(
-        cfg,
-        model,
-        loss_fns,
-        lambdas,
-        autocast_dtype=autocast_dtype,
-        scaler=scaler,
-        resolver=resolver,
-    )
-
-
-def per_loss_backward_mode(method: Any) -> str | None:
-    """``batched``/``sequential``: how a full-mode conductor of K >= 2 losses gets K gradients
-    from one forward; None for a method that does one backward per micro-batch."""
-    if getattr(method, "accumulation", None) != "full" or len(method.loss_names) < 2:
-        return None
-    return method.backward_mode
-
-
-def describe(method: Any) -> str | None:
-    """How a full-mode conductor gets K gradients from one forward, in words (None for a method
-    that does one backward per micro-batch)."""
-    mode = per_loss_backward_mode(method)
-    if mode is None:
-        return None
-    text = f"{mode} backward (per_loss_backward: {method.config.per_loss_backward}"
-    timings = method.backward_timings
-    if timings:
-        times = ", ".join(f"{way} {1000 * t:.1f} ms" for way, t in timings.items())
-        text += f"; first micro-batch: {times}"
-    return text + ")"
-
-
-# The builders of the methods that sum the losses (scaled or weighted their own way), one
-# backward per micro-batch, synchronised like any DDP loop: nothing left to resolve.
-SUM_BUILDERS = ("methods:build_sum", "peers:build_scalarised")
-
-
-def follows_ddp_sync(name: str) -> bool:
-    """Whether method ``name`` follows ``conductor.ddp_sync`` (a conductor, a TorchJD weighting,
-    DB-MTL), as opposed to a sum of the losses, by the method table."""
-    return lookup("method", name).build not in SUM_BUILDERS
-
-
-def resolves(method: Any) -> bool:
-    """Whether a built method resolves per-loss gradients in its ``finish`` (it has the
-    conductor's configuration), as opposed to a sum, whose ``finish`` has nothing left to do."""
-    return getattr(method, "config", None) is not None
-
-
-def torchjd_aggregator(name: str) -> Any:
-    """TorchJD's aggregator for ``name`` (one of :data:`TORCHJD_METHODS`), or MethodUnavailable
-    naming the package to install."""
-    try:
-        from torchjd import aggregation
-    except ImportError:
-        raise MethodUnavailable(
-            f"method {name!r} needs TorchJD: pip install 'gcond[torchjd]'"
-        ) from None
-    builders = {
-        "pcgrad": aggregation.PCGrad,
-        "upgrad": aggregation.UPGrad,
-        "mgda": aggregation.MGDA,
-        "cagrad": lambda: aggregation.CAGrad(c=CAGRAD_C),
-        "alignedmtl": aggregation.AlignedMTL,
-        "imtlg": aggregation.IMTLG,
-        "dualproj": aggregation.DualProj,
-    }
-    try:
-        return builders[name]()
-    except ImportError as exc:  # the aggregator's own solver extra (quadprog, cvxpy)
-        raise MethodUnavailable(f"method {name!r} is not available here: {exc}") from None
-
-
-def method_unavailable(name: str) -> str | None:
-    """Why ``name`` cannot run here (a missing optional dependency), or None if it can."""
-    if lookup("method", name).build.startswith("peers:"):
-        from .peers import peer_unavailable
-
-        return peer_unavailable(name)
-    if name not in TORCHJD_METHODS:
-        return None
-    try:
-        torchjd_aggregator(name)
-    except MethodUnavailable as exc:
-        return str(exc)
-    return None
-
-
-class TorchJDResolver(WeightingResolver):
-    """A TorchJD aggregator's weighting of the Gram matrix as the conductor's resolver (the
-    merge ``Σ_k w_k g_k`` that follows is TorchJD's combination).
-
-    It draws from its own CPU random stream (PCGrad shuffles the losses), seeded from the
-    process's torch seed, so the run's global stream, and everything else that draws from it,
-    stays as it is under the other methods; the stream is part of the conductor's state.
-    """
-
-    def __init__(self, aggregator: Any, **options: Any) -> None:
-        super().__init__(self._weigh, **options)
-        self.aggregator = aggregator
-        self.rng_state = torch.Generator().manual_seed(torch.initial_seed()).get_state()
-
-    def _weigh(self, gram: torch.Tensor) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self.rng_state)
-            weights = self.aggregator.gramian_weighting(gram)
-            self.rng_state = torch.get_rng_state()
-        return weights
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "aggregator_rng": self.rng_state.clone()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.rng_state = state["aggregator_rng"].clone()
-
-    def __repr__(self) -> str:
-        return f"TorchJDResolver({self.aggregator!r}, norm_cap={self.norm_cap!r})"
 
 
 class SumMethod:

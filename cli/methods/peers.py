@@ -31,14 +31,9 @@ from torch import nn
 
 from gcond import Gradients, Resolved, autocast, call_model, frozen_batchnorm, norm_cap_scales
 
-from .methods import (
-    LossFn,
-    Method,
-    MethodUnavailable,
-    SumMethod,
-    TorchJDResolver,
-    build_conductor,
-)
+from ..errors import MethodUnavailable
+from .base import LossFn, Method, SumMethod, build_conductor
+from .torchjd import TorchJDResolver
 
 # DB-MTL's EMA of each loss's gradient, ĝ ← β_t ĝ + (1 − β_t) g with β_t = β / t^σ: the
 # paper's β = 0.9 and the authors' default σ = 0 (a constant β).
