@@ -77,7 +77,8 @@ def entries_table(args: argparse.Namespace) -> str:
         "entry",
         f"final {args.metric} ({'higher' if better == 'max' else 'lower'} is better)",
         *[f"vs {b}" for b in baselines],
-        "step × sum (bench)" if ratios else "s/step (compare)",
+        "s/step (compare)",
+        *(["step × sum (bench)"] if ratios else []),
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry, per_seed in values.items():
@@ -86,8 +87,10 @@ def entries_table(args: argparse.Namespace) -> str:
             for b in baselines
             if b in values
         ]
-        cost = f"{ratios[entry]:.2f}×" if entry in ratios else f"{seconds[entry]:.3f}"
-        lines.append(f"| `{entry}` | {spread(per_seed)} | " + " | ".join([*marks, cost]) + " |")
+        costs = [f"{seconds[entry]:.3f}"]
+        if ratios:  # a variant that changes the workload (loss_scale) is no bench variant
+            costs.append(f"{ratios[entry]:.2f}×" if entry in ratios else "–")
+        lines.append(f"| `{entry}` | {spread(per_seed)} | " + " | ".join([*marks, *costs]) + " |")
     return "\n".join(lines)
 
 
