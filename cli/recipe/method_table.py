@@ -1,5 +1,6 @@
 """The method table: every method a recipe's ``conductor.method`` may name, registered with its
-builder (``methods/``: ``base``, ``torchjd``, ``peers``), and what each needs installed beyond the harness."""
+builder (in ``methods/``: ``base``, ``torchjd``, ``peers``), and what each needs installed beyond
+the harness."""
 
 import importlib.util
 
@@ -16,7 +17,8 @@ for _name, _build, _summary in (
     ("upgrad", "build_torchjd", "TorchJD's UPGrad (pip install 'gcond[torchjd]')"),
     ("mgda", "build_torchjd", "TorchJD's MGDA (pip install 'gcond[torchjd]')"),
     ("cagrad", "build_torchjd", "TorchJD's CAGrad (pip install 'gcond[torchjd,cagrad]')"),
-    # The peers of issue 18 (methods/peers.py); the last three scalarise: one backward per micro-batch.
+    # The peers of issue 18 (methods/peers.py); the last three scalarise: one backward per
+    # micro-batch.
     ("alignedmtl", "build_torchjd", "TorchJD's Aligned-MTL (pip install 'gcond[torchjd]')"),
     ("imtlg", "build_torchjd", "TorchJD's IMTL-G (pip install 'gcond[torchjd]')"),
     ("dualproj", "build_torchjd", "TorchJD's DualProj (pip install 'gcond[torchjd]')"),
