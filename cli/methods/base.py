@@ -85,6 +85,35 @@ def build_conductor(
     )
 
 
+def conductor_with(
+    make_resolver: Callable[[Any, Mapping[str, LossFn]], Any],
+) -> Callable[..., Method]:
+    """A method-table builder: the conductor with the resolver ``make_resolver(cfg, loss_fns)``
+    (a TorchJD weighting, DB-MTL's), sharing the conductor's accumulation, momentum and
+    write-back (the conductor's own resolution settings are then unused)."""
+
+    def build(
+        cfg: Any,
+        model: nn.Module,
+        loss_fns: Mapping[str, LossFn],
+        lambdas: Mapping[str, float],
+        *,
+        autocast_dtype: torch.dtype | None,
+        scaler: torch.amp.GradScaler | None,
+    ) -> Method:
+        return build_conductor(
+            cfg,
+            model,
+            loss_fns,
+            lambdas,
+            autocast_dtype=autocast_dtype,
+            scaler=scaler,
+            resolver=make_resolver(cfg, loss_fns),
+        )
+
+    return build
+
+
 def model_split(model: nn.Module) -> tuple[Any, Any]:
     """``(model.trunk, model.heads)`` for ``conductor.gradients_at: representation``; a model
     without both is the user's to fix (exit 2)."""

@@ -32,7 +32,7 @@ from torch import nn
 from gcond import Gradients, Resolved, autocast, call_model, frozen_batchnorm, norm_cap_scales
 
 from ..errors import MethodUnavailable
-from .base import LossFn, Method, SumMethod, build_conductor
+from .base import LossFn, Method, SumMethod, conductor_with
 from .torchjd import TorchJDResolver
 
 # DB-MTL's EMA of each loss's gradient, ĝ ← β_t ĝ + (1 − β_t) g with β_t = β / t^σ: the
@@ -199,50 +199,21 @@ class DBMTLResolver:
         )
 
 
-def build_torchjd_matrix(
-    cfg: Any,
-    model: nn.Module,
-    loss_fns: Mapping[str, LossFn],
-    lambdas: Mapping[str, float],
-    *,
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-) -> Method:
-    """ConFIG / NashMTL as the conductor's resolver (see :class:`TorchJDMatrixResolver`)."""
-    aggregator = matrix_aggregator(cfg.method, len(loss_fns))
-    resolver = TorchJDMatrixResolver(aggregator, norm_cap=cfg.norm_cap)
-    return build_conductor(
-        cfg,
-        model,
-        loss_fns,
-        lambdas,
-        autocast_dtype=autocast_dtype,
-        scaler=scaler,
-        resolver=resolver,
+# ConFIG / NashMTL as the conductor's resolver (see :class:`TorchJDMatrixResolver`).
+build_torchjd_matrix = conductor_with(
+    lambda cfg, loss_fns: TorchJDMatrixResolver(
+        matrix_aggregator(cfg.method, len(loss_fns)), norm_cap=cfg.norm_cap
     )
+)
+_dbmtl_conductor = conductor_with(
+    lambda cfg, loss_fns: DBMTLResolver(list(loss_fns), norm_cap=cfg.norm_cap)
+)
 
 
-def build_dbmtl(
-    cfg: Any,
-    model: nn.Module,
-    loss_fns: Mapping[str, LossFn],
-    lambdas: Mapping[str, float],
-    *,
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-) -> Method:
+def build_dbmtl(cfg: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Method:
     """DB-MTL: the conductor's accumulation of ``∇ log L_k`` (``build_method`` log-scales the
     losses), :class:`DBMTLResolver`, the conductor's update."""
-    resolver = DBMTLResolver(list(loss_fns), norm_cap=cfg.norm_cap)
-    method = build_conductor(
-        cfg,
-        model,
-        loss_fns,
-        lambdas,
-        autocast_dtype=autocast_dtype,
-        scaler=scaler,
-        resolver=resolver,
-    )
+    method = _dbmtl_conductor(cfg, model, *args, **kwargs)
     if method.sharded:  # type: ignore[attr-defined]
         raise ValueError(
             "conductor.method db-mtl cannot run under fully_shard yet (its gradient EMAs are "

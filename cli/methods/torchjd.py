@@ -8,42 +8,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from gcond import WeightingResolver
 
 from ..errors import MethodUnavailable
-from .base import LossFn, Method, build_conductor
+from .base import LossFn, conductor_with
 
 CAGRAD_C = 0.4  # the CAGrad paper's multi-task setting
 
 
-def build_torchjd(
-    cfg: Any,
-    model: nn.Module,
-    loss_fns: Mapping[str, LossFn],
-    lambdas: Mapping[str, float],
-    *,
-    autocast_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None,
-) -> Method:
-    """A TorchJD aggregator as the conductor's resolver: it shares the conductor's accumulation,
-    momentum and write-back (the resolution settings are then unused)."""
-    resolver = TorchJDResolver(
+def _torchjd_resolver(cfg: Any, loss_fns: Mapping[str, LossFn]) -> TorchJDResolver:
+    return TorchJDResolver(
         torchjd_aggregator(cfg.method),
         norm_cap=cfg.norm_cap,
         norm_equalization=cfg.norm_equalization,
         norm_equalization_beta=cfg.norm_equalization_beta,
         loss_names=list(loss_fns),
-    )
-    return build_conductor(
-        cfg,
-        model,
-        loss_fns,
-        lambdas,
-        autocast_dtype=autocast_dtype,
-        scaler=scaler,
-        resolver=resolver,
     )
 
 
@@ -101,3 +81,7 @@ class TorchJDResolver(WeightingResolver):
 
     def __repr__(self) -> str:
         return f"TorchJDResolver({self.aggregator!r}, norm_cap={self.norm_cap!r})"
+
+
+# A TorchJD aggregator as the conductor's resolver.
+build_torchjd = conductor_with(_torchjd_resolver)
