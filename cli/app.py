@@ -186,8 +186,9 @@ def compare(
             "--methods",
             metavar="M1,M2",
             help="Methods to compare: conductor, conductor-stochastic, sum, the scale-only "
-            "baselines sum-log and sum-normalized, and with TorchJD pcgrad, upgrad, mgda, cagrad "
-            "(default: conductor,sum).",
+            "baselines sum-log and sum-normalized, with TorchJD pcgrad, upgrad, mgda, cagrad, "
+            "alignedmtl, imtlg, dualproj, config, nashmtl, famo, geometric-mean, and db-mtl, "
+            "uncertainty; `gcond recipes --components` lists them (default: conductor,sum).",
             show_default=False,
         ),
     ] = None,
