@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ._resolution import (
         Resolution,
         cosine_matrix,
+        harms_a_loss,
         most_conflicting_pair,
         resolve,
         resolve_gram,
@@ -54,6 +55,7 @@ _HOMES = {
     "frozen_batchnorm": "_model_io",
     "Resolution": "_resolution",
     "cosine_matrix": "_resolution",
+    "harms_a_loss": "_resolution",
     "most_conflicting_pair": "_resolution",
     "resolve": "_resolution",
     "resolve_gram": "_resolution",
@@ -89,6 +91,7 @@ __all__ = [
     "call_model",
     "cosine_matrix",
     "frozen_batchnorm",
+    "harms_a_loss",
     "most_conflicting_pair",
     "norm_cap_scales",
     "resolve",

@@ -59,6 +59,9 @@ class ConductorConfig:
     * ``conflict_thresholds``: ``(critical, main, weak)`` cosines, each in [-1, 1],
       non-decreasing.
     * ``projection_max_iters``: most resolution iterations per step; ``None`` = 2·K.
+    * ``conflicts``: which conflicts are resolved: ``"all"`` (default: every pair whose cosine
+      is below ``weak``) or ``"harmful"`` (only while the merge of the current gradients would
+      increase some loss to first order; a conflict that the plain sum survives is left alone).
     * ``dominance_window``: a loss that won the last this-many arbitrations wins the next one
       outright; 0 turns the rule off.
     * ``dominance_rule``: ``"bounded"`` (default: a streak earns at most ``dominance_window``
@@ -105,6 +108,7 @@ class ConductorConfig:
     resolution: Literal["zones", "smooth"] = "zones"
     conflict_thresholds: tuple[float, float, float] = (-0.8, -0.5, 0.0)
     projection_max_iters: int | None = None
+    conflicts: Literal["all", "harmful"] = "all"
     dominance_window: int = 3
     dominance_rule: Literal["bounded", "sticky"] = "bounded"
     tie_breaking_weights: tuple[float, float] = (0.8, 0.2)
@@ -163,6 +167,7 @@ class ConductorConfig:
         for name in (
             "accumulation",
             "resolution",
+            "conflicts",
             "dominance_rule",
             "norm_equalization",
             "grad_dtype",

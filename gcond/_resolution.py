@@ -41,6 +41,8 @@ class Resolution:
     zone_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ZONES, 0))
     arbitrations: list[tuple[int, int]] = field(default_factory=list)  # (winner, loser)
     budget_exhausted: bool = False
+    # conflicts="harmful": a conflict below weak was left alone (the plain merge harmed no loss).
+    harmless: bool = False
 
     @property
     def merge_weights(self) -> torch.Tensor:
@@ -114,12 +116,17 @@ def resolve_gram(
     remap_power: float = 2.0,
     eps: float = 1e-8,
     scale: torch.Tensor | None = None,
+    conflicts: str = "all",
 ) -> Resolution:
     """Decide the resolution of K gradients from their Gram matrix (docs/algorithm.md, step 5).
 
     ``gram`` is K×K; ``scale`` (K) pre-scales each gradient (the norm cap). ``arbitrate`` picks
-    winners; the default lets the larger gradient win, ties to the lower index.
+    winners; the default lets the larger gradient win, ties to the lower index. ``conflicts``:
+    ``"all"`` resolves every pair below ``weak``; ``"harmful"`` stops as soon as the merge of the
+    current gradients is a descent direction for every loss (see :func:`harms_a_loss`).
     """
+    if conflicts not in ("all", "harmful"):
+        raise ValueError(f"conflicts must be 'all' or 'harmful', got {conflicts!r}")
     gram0 = gram.detach().to("cpu", torch.float64)
     k = gram0.shape[0]
     t = torch.eye(k, dtype=torch.float64)
@@ -133,6 +140,10 @@ def resolve_gram(
     largest = float((t @ gram0 @ t.T).diagonal().clamp_min(0).max().sqrt())
     eps = max(eps, VANISHED_FRACTION * largest)
     for _ in range(budget):
+        if conflicts == "harmful" and not harms_a_loss(gram0, t.sum(dim=0)):
+            current = t @ gram0 @ t.T
+            result.harmless = result.iterations == 0 and _below_weak(current, eps, thresholds)
+            break
         current = t @ gram0 @ t.T
         pair = most_conflicting_pair(current, eps)
         if pair is None:
@@ -167,6 +178,25 @@ def resolve_gram(
         final = most_conflicting_pair(t @ gram0 @ t.T, eps)
         result.budget_exhausted = final is not None and zone_of(final[2], thresholds) is not None
     return result
+
+
+def harms_a_loss(gram: torch.Tensor, weights: torch.Tensor) -> bool:
+    """Whether the merge ``m = Σ_k w_k g_k`` would increase some loss to first order:
+    ``⟨g_k, m⟩ = (gram @ w)_k < 0`` for a k (up to a relative tolerance, so a vanished gradient
+    or rounding noise harms nothing). ``gram`` is the raw gradients' Gram matrix."""
+    gram = gram.to(torch.float64)
+    w = weights.to(torch.float64)
+    inner = gram @ w
+    merged = float(w @ inner)
+    if merged <= 0.0:
+        return False  # the merge vanished: it moves no loss
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    return bool((inner < -COSINE_TOLERANCE * norms * math.sqrt(merged)).any())
+
+
+def _below_weak(gram: torch.Tensor, eps: float, thresholds: tuple[float, float, float]) -> bool:
+    pair = most_conflicting_pair(gram, eps)
+    return pair is not None and zone_of(pair[2], thresholds) is not None
 
 
 def _larger_norm_wins(gram: torch.Tensor) -> Arbitrate:

@@ -127,8 +127,9 @@ class ConflictResolver:
     rule), with the arbitrator choosing winners, on the Gram matrix alone (see
     :func:`gcond.resolve_gram`). ``loss_names`` name the statistics; of ``config`` (a
     :class:`ConductorConfig`) the resolution fields act here. Statistics: ``proj_iters``,
-    ``conflicts/<zone>``, ``wins/<loss>``, ``dominance``, ``norm_ema/<loss>`` and, with
-    ``norm_equalization``, ``norm_scale/<loss>`` (the equalisation factor applied)."""
+    ``conflicts/<zone>``, ``wins/<loss>``, ``dominance``, ``norm_ema/<loss>``, with
+    ``norm_equalization`` ``norm_scale/<loss>`` (the equalisation factor applied) and with
+    ``conflicts="harmful"`` ``conflicts/harmless`` (1 when a conflict was left alone)."""
 
     def __init__(self, loss_names: Sequence[str], config: ConductorConfig) -> None:
         self.loss_names = list(loss_names)
@@ -213,10 +214,13 @@ class ConflictResolver:
             remap_power=cfg.remap_power,
             eps=cfg.eps,
             scale=scale,
+            conflicts=cfg.conflicts,
         )
         stats = {"proj_iters": float(res.iterations)}
         for zone in ZONES:
             stats[f"conflicts/{zone}"] = float(res.zone_counts[zone])
+        if cfg.conflicts == "harmful":
+            stats["conflicts/harmless"] = float(res.harmless)
         for name in names:
             stats[f"wins/{name}"] = float(wins[name])
         stats["dominance"] = float(dominance)

@@ -239,6 +239,7 @@ def _good_kwargs():
         ("conflict_thresholds", (-1.5, -0.5, 0.0), ValueError),
         ("conflict_thresholds", (-0.8, 0.0), TypeError),
         ("projection_max_iters", -1, ValueError),
+        ("conflicts", "some", ValueError),
         ("dominance_window", -2, ValueError),
         ("tie_breaking_weights", (0.0, 0.0), ValueError),
         ("tie_breaking_weights", (-1.0, 2.0), ValueError),

@@ -37,6 +37,26 @@ def test_weak_conflict_symmetric_projection():
     assert stats["final_grad_norm"] == pytest.approx(4.0)
 
 
+def test_harmful_only_writes_the_plain_sum_when_it_harms_no_loss():
+    # The same pair: a + b = (2, 2, 0) decreases both losses (⟨a, a+b⟩ = 6, ⟨b, a+b⟩ = 2), so
+    # conflicts="harmful" leaves them alone and says so; the cosine is reported as always.
+    model, cond = conductor_for([3, 0, 0], [-1, 2, 0], conflicts="harmful")
+    stats = cond.step(constant_provider())
+    assert grad_of(model) == [2.0, 2.0, 0.0]
+    assert stats["conflicts/harmless"] == 1 and stats["conflicts/weak"] == 0
+    assert stats["proj_iters"] == 0
+    assert stats["min_cosine_sim"] == pytest.approx(-1 / math.sqrt(5))
+
+
+def test_harmful_only_resolves_when_the_sum_would_increase_a_loss():
+    # a = (1, 0, 0), b = (-4, 8, 0): ⟨a, a+b⟩ = -3. Weak zone, both projected:
+    # a' = a + 0.05·b = (0.8, 0.4, 0), b' = b + 4·a = (0, 8, 0); p.grad = (0.8, 8.4, 0).
+    model, cond = conductor_for([1, 0, 0], [-4, 8, 0], conflicts="harmful")
+    stats = cond.step(constant_provider())
+    assert_close_list(grad_of(model), [0.8, 8.4, 0.0])
+    assert stats["conflicts/harmless"] == 0 and stats["conflicts/weak"] == 1
+
+
 def test_main_conflict_projects_the_loser_only():
     # cos = -1/√2: main zone. First step: equal scores, the tie goes to "a" (listed first);
     # b' = b − (⟨b,a⟩/‖a‖²) a = (−2,2,0) + 2·(1,0,0) = (0,2,0); a untouched.

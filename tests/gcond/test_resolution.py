@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from gcond import (
     Resolution,
     cosine_matrix,
+    harms_a_loss,
     most_conflicting_pair,
     resolve,
     resolve_gram,
@@ -490,6 +491,62 @@ def test_most_conflicting_pair_breaks_ties_in_listed_order():
     assert most_conflicting_pair(gram[[2, 1, 0]][:, [2, 1, 0]], eps=1e-8) == (0, 1, -0.6)
 
 
+# ----------------------------------------------------------------------------- golden: conflicts
+
+
+def test_harmful_only_leaves_a_conflict_the_sum_survives_alone():
+    # The weak-zone stack above: g1 = (2, 0), g2 = (-1, 2), cos ≈ -0.447. Its plain sum (1, 2)
+    # harms neither loss: ⟨g1, g1+g2⟩ = 4 - 2 = 2 ≥ 0, ⟨g2, g1+g2⟩ = -2 + 5 = 3 ≥ 0.
+    grads = stack((2, 0), (-1, 2))
+    resolved, res = resolve(grads, THRESHOLDS, conflicts="harmful", arbitrate=Recorder())
+    assert_rows(resolved, [[2.0, 0.0], [-1.0, 2.0]])
+    assert decisions(res) == (0, counts(), [], False)
+    assert res.harmless
+    _, every = resolve(grads, THRESHOLDS)
+    assert every.iterations == 1 and not every.harmless  # "all" projects it
+
+
+def test_harmful_only_resolves_a_conflict_the_sum_would_lose_a_loss_to():
+    # g1 = (1, 0), g2 = (-4, 8): cos = -4/√80 ≈ -0.447, weak, but ⟨g1, g1+g2⟩ = 1 - 4 = -3 < 0:
+    # the sum would increase loss 1. Resolved as always, both projected:
+    # g1' = g1 - (-4/80)·g2 = (0.8, 0.4), g2' = g2 - (-4/1)·g1 = (0, 8).
+    grads = stack((1, 0), (-4, 8))
+    resolved, res = resolve(grads, THRESHOLDS, conflicts="harmful")
+    assert_rows(resolved, [[0.8, 0.4], [0.0, 8.0]])
+    assert decisions(res) == (1, counts(weak=1), [], False)
+    assert not res.harmless
+    assert torch.equal(res.transform, resolve(grads, THRESHOLDS)[1].transform)
+
+
+def test_harmful_only_stops_once_the_merge_harms_no_loss():
+    # g1 = (1,0,0), g2 = (-3,4,0), g3 = (0,-1,3). The sum (-2,3,3) harms loss 1 (⟨g1,·⟩ = -2).
+    # 1. lowest cos is (1,2) at -0.6, main; g1 wins: g2' = (0,4,0). The merge (1,3,3) now harms
+    #    nothing (⟨g1,·⟩ = 1, ⟨g2,·⟩ = -3+12 = 9, ⟨g3,·⟩ = -3+9 = 6): stop, though g2' and g3
+    #    still conflict weakly (cos = -4/(4·√10) ≈ -0.32), which "all" goes on to project:
+    #    g2'' = g2' + 0.4·g3 = (0, 3.6, 1.2), g3' = g3 + 0.25·g2' = (0, 0, 3).
+    grads = stack((1, 0, 0), (-3, 4, 0), (0, -1, 3))
+    resolved, res = resolve(grads, THRESHOLDS, conflicts="harmful", arbitrate=lower_index_wins)
+    assert_rows(resolved, [[1, 0, 0], [0, 4, 0], [0, -1, 3]])
+    assert decisions(res) == (1, counts(main=1), [(0, 1)], False)
+    assert not res.harmless  # something was resolved
+    every, res_all = resolve(grads, THRESHOLDS, arbitrate=lower_index_wins)
+    assert_rows(every, [[1, 0, 0], [0, 3.6, 1.2], [0, 0, 3]])
+    assert decisions(res_all) == (2, counts(weak=1, main=1), [(0, 1)], False)
+
+
+def test_harms_a_loss_reads_the_first_order_change_of_each_loss():
+    gram = stack((1, -2), (-2, 9))  # ‖g1‖ = 1, ‖g2‖ = 3, cos = -2/3
+    assert harms_a_loss(gram, torch.tensor([1.0, 1.0]))  # ⟨g1, g1+g2⟩ = 1 - 2 < 0
+    assert not harms_a_loss(gram, torch.tensor([2.0, 1.0]))  # 2 - 2 = 0 (the boundary), 5
+    assert harms_a_loss(gram, torch.tensor([1.5, 1.0]))  # 1.5 - 2 < 0, -3 + 9
+    assert not harms_a_loss(stack((1, 0), (0, 0)), torch.tensor([1.0, 1.0]))  # a vanished g2
+
+
+def test_conflicts_must_be_all_or_harmful():
+    with pytest.raises(ValueError, match="conflicts must be 'all' or 'harmful', got 'some'"):
+        resolve_gram(stack((1, 0), (0, 1)), THRESHOLDS, conflicts="some")
+
+
 # ----------------------------------------------------------------------------- properties
 
 
@@ -501,6 +558,22 @@ def test_no_conflict_survives_unless_budget_exhausted(case: tuple[str, torch.Ten
     assert_no_conflict_left(resolved, res)
     if res.budget_exhausted:
         assert res.iterations == 2 * grads.shape[0]
+
+
+@property_settings
+@given(case=cases())
+def test_harmful_only_is_a_prefix_of_resolving_all(case: tuple[str, torch.Tensor]):
+    # "harmful" takes the same decisions as "all", in the same order, and stops at the first
+    # point where the merge harms no loss; it stops earlier only there.
+    mode, grads = case
+    _, res = resolve(grads, THRESHOLDS, mode=mode, conflicts="harmful")
+    _, prefix = resolve(grads, THRESHOLDS, mode=mode, max_iters=res.iterations)
+    assert torch.equal(res.transform, prefix.transform)
+    assert res.arbitrations == prefix.arbitrations
+    _, every = resolve(grads, THRESHOLDS, mode=mode)
+    gram = grads.to(torch.float64) @ grads.to(torch.float64).T
+    if res.iterations < every.iterations:
+        assert not harms_a_loss(gram, res.merge_weights)
 
 
 @property_settings
