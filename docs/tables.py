@@ -7,8 +7,17 @@ JSON is given, each entry's step time × ``sum`` from ``gcond bench``.
 
     python docs/tables.py entries --metric mean_acc --baselines sum,sum-log \\
         [--bench docs/bench/x.json] docs/quality/multidigits/*/summary.json
+    python docs/tables.py grid --metric mean_err --baselines sum,sum-log \\
+        [--bench docs/bench/x.json] [--entries ...] docs/quality/conflict_lab/*/summary.json
     python docs/tables.py cells --metric mean_err --baselines sum,conductor \\
-        docs/quality/conflict_lab/*/summary.json
+        [--entries sum,conductor,...] docs/quality/conflict_lab/*/summary.json
+
+``grid`` is the same data turned around: one row per entry, one column per cell (mean and the
+marks), and, with ``--bench``, the entry's step time × ``sum``.
+
+``cells`` and ``grid`` read the summaries of one grid cell (the same overrides, e.g.
+``data.lab.direction`` and ``data.lab.scale``) as one comparison, so several comparisons of the
+same cells and seeds join into one; ``--entries`` picks the entries and their order.
 """
 
 from __future__ import annotations
@@ -94,19 +103,62 @@ def entries_table(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def by_cell(paths: list[Path], metric: str) -> tuple[dict[str, dict], str]:
+    """``{cell: {entry: {seed: final}}}``, the summaries of one cell (same overrides) joined."""
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(_cell_name(path), []).append(path)
+    cells, better = {}, "min"
+    for name, group in groups.items():
+        cells[name], better, _ = load(group, metric)
+    return cells, better
+
+
+def _marks(values: dict, entry: str, baselines: list[str], better: str) -> str:
+    return " / ".join(
+        mark(values[entry], values[b], better) for b in baselines if b != entry and b in values
+    )
+
+
 def cells_table(args: argparse.Namespace) -> str:
-    """One row per compare directory (a grid cell), one column per entry."""
+    """One row per grid cell, one column per entry."""
     baselines = args.baselines.split(",")
-    rows, entries = [], []
-    for path in args.summaries:
-        values, better, _ = load([path], args.metric)
-        entries = entries or list(values)
-        cells = []
-        for entry in entries:
-            marks = [mark(values[entry], values[b], better) for b in baselines if b != entry]
-            cells.append(f"{spread(values[entry])} " + " / ".join(marks))
-        rows.append(f"| {_cell_name(path)} | " + " | ".join(cells) + " |")
+    cells, better = by_cell(args.summaries, args.metric)
+    entries = args.entries.split(",") if args.entries else list(next(iter(cells.values())))
+    rows = []
+    for name, values in cells.items():
+        texts = [
+            f"{spread(values[e])} {_marks(values, e, baselines, better)}" if e in values else "–"
+            for e in entries
+        ]
+        rows.append(f"| {name} | " + " | ".join(texts) + " |")
     head = ["cell", *entries]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+
+
+def grid_table(args: argparse.Namespace) -> str:
+    """One row per entry, one column per cell: the mean over seeds and the marks."""
+    baselines = args.baselines.split(",")
+    cells, better = by_cell(args.summaries, args.metric)
+    ratios = bench_ratios(args.bench)
+    entries = (
+        args.entries.split(",")
+        if args.entries
+        else list(dict.fromkeys(e for values in cells.values() for e in values))
+    )
+    head = ["entry", *cells, *(["step × sum (bench)"] if ratios else [])]
+    rows = []
+    for entry in entries:
+        texts = []
+        for values in cells.values():
+            if entry not in values:
+                texts.append("–")
+                continue
+            mean = statistics.fmean(values[entry].values())
+            texts.append(f"{mean:.3f} {_marks(values, entry, baselines, better)}".strip())
+        if ratios:
+            texts.append(f"{ratios[entry]:.2f}×" if entry in ratios else "–")
+        rows.append(f"| `{entry}` | " + " | ".join(texts) + " |")
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
 
 
@@ -121,13 +173,15 @@ def _cell_name(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("layout", choices=["entries", "cells"])
+    parser.add_argument("layout", choices=["entries", "cells", "grid"])
     parser.add_argument("summaries", nargs="+", type=Path)
     parser.add_argument("--metric", required=True)
     parser.add_argument("--baselines", default="sum")
     parser.add_argument("--bench", type=Path)
+    parser.add_argument("--entries", help="cells: the columns, in order (default: all)")
     args = parser.parse_args()
-    print(entries_table(args) if args.layout == "entries" else cells_table(args))
+    tables = {"entries": entries_table, "cells": cells_table, "grid": grid_table}
+    print(tables[args.layout](args))
 
 
 if __name__ == "__main__":
