@@ -15,6 +15,10 @@ JSON is given, each entry's step time × ``sum`` from ``gcond bench``.
 ``grid`` is the same data turned around: one row per entry, one column per cell (mean and the
 marks), and, with ``--bench``, the entry's step time × ``sum``.
 
+``python docs/tables.py refresh README.md`` remakes every table of the file that follows a line
+``<!-- tables: ARGS -->`` (ARGS as above, globs relative to the repository root); the tests check
+that each such table is what its command prints.
+
 ``cells`` and ``grid`` read the summaries of one grid cell (the same overrides, e.g.
 ``data.lab.direction`` and ``data.lab.scale``) as one comparison, so several comparisons of the
 same cells and seeds join into one; ``--entries`` picks the entries and their order.
@@ -23,14 +27,20 @@ same cells and seeds join into one; ``--entries`` picks the entries and their or
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import re
+import shlex
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from gcond_cli.compare.verdict import BETTER, NOISE, WORSE, paired_verdict
 
 MARKS = {BETTER: "▲", WORSE: "▼", NOISE: "≈"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def load(paths: list[Path], metric: str) -> tuple[dict[str, dict[int, float]], str, dict]:
@@ -79,27 +89,44 @@ def spread(values: dict[int, float]) -> str:
 
 
 def entries_table(args: argparse.Namespace) -> str:
-    values, better, seconds = load(args.summaries, args.metric)
+    """One row per entry. One metric: its value, a column per baseline, the costs. Several
+    (``--metric a,b``): a column per metric holding the value and the marks against each
+    baseline, then the costs."""
+    metrics = args.metric.split(",")
+    loaded = [load(args.summaries, metric) for metric in metrics]
+    values, better, seconds = loaded[0]
     ratios = bench_ratios(args.bench)
-    baselines = args.baselines.split(",")
-    head = [
-        "entry",
-        f"final {args.metric} ({'higher' if better == 'max' else 'lower'} is better)",
-        *[f"vs {b}" for b in baselines],
-        "s/step (compare)",
-        *(["step × sum (bench)"] if ratios else []),
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for entry, per_seed in values.items():
-        marks = [
-            "–" if entry == b else mark(per_seed, values[b], better)
-            for b in baselines
-            if b in values
+    cost_as = dict(pair.split("=") for pair in args.cost_as.split(",")) if args.cost_as else {}
+    baselines = [b for b in args.baselines.split(",") if b in values]
+    costs_head = ["s/step (compare)", *(["step × sum (bench)"] if ratios else [])]
+    if len(metrics) == 1:
+        head = [
+            "entry",
+            f"final {args.metric} ({'higher' if better == 'max' else 'lower'} is better)",
+            *[f"vs {b}" for b in baselines],
+            *costs_head,
         ]
+    else:
+        directions = [
+            f"{m} ({'↑' if b == 'max' else '↓'})"
+            for m, (_, b, _) in zip(metrics, loaded, strict=True)
+        ]
+        head = ["entry", *directions, *costs_head]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in values:
+        if len(metrics) == 1:
+            marks = [
+                "–" if entry == b else mark(values[entry], values[b], better) for b in baselines
+            ]
+            texts = [spread(values[entry]), *marks]
+        else:
+            texts = [
+                f"{spread(v[entry])} {_marks(v, entry, baselines, b)}".strip() for v, b, _ in loaded
+            ]
         costs = [f"{seconds[entry]:.3f}"]
         if ratios:  # a variant that changes the workload (loss_scale) is no bench variant
-            costs.append(f"{ratios[entry]:.2f}×" if entry in ratios else "–")
-        lines.append(f"| `{entry}` | {spread(per_seed)} | " + " | ".join([*marks, *costs]) + " |")
+            costs.append(_cost(entry, ratios, cost_as))
+        lines.append(f"| `{entry}` | " + " | ".join([*texts, *costs]) + " |")
     return "\n".join(lines)
 
 
@@ -141,6 +168,7 @@ def grid_table(args: argparse.Namespace) -> str:
     baselines = args.baselines.split(",")
     cells, better = by_cell(args.summaries, args.metric)
     ratios = bench_ratios(args.bench)
+    cost_as = dict(pair.split("=") for pair in args.cost_as.split(",")) if args.cost_as else {}
     entries = (
         args.entries.split(",")
         if args.entries
@@ -157,9 +185,19 @@ def grid_table(args: argparse.Namespace) -> str:
             mean = statistics.fmean(values[entry].values())
             texts.append(f"{mean:.3f} {_marks(values, entry, baselines, better)}".strip())
         if ratios:
-            texts.append(f"{ratios[entry]:.2f}×" if entry in ratios else "–")
+            texts.append(_cost(entry, ratios, cost_as))
         rows.append(f"| `{entry}` | " + " | ".join(texts) + " |")
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+
+
+def _cost(entry: str, ratios: dict[str, float], cost_as: dict[str, str]) -> str:
+    """The entry's bench ratio; for an entry the bench did not run, that of the bench entry
+    ``--cost-as`` names (the same work per step), marked with a *."""
+    if entry in ratios:
+        return f"{ratios[entry]:.2f}×"
+    if cost_as.get(entry) in ratios:
+        return f"{ratios[cost_as[entry]]:.2f}×*"
+    return "–"
 
 
 def _cell_name(path: Path) -> str:
@@ -171,17 +209,63 @@ def _cell_name(path: Path) -> str:
     return " ".join(overrides) or path.parent.name
 
 
-def main() -> None:
+MARKED = re.compile(r"<!-- tables: (.*?) -->\n((?:\|.*\n)*)")
+
+
+def table(argv: list[str]) -> str:
+    """The table that ``python docs/tables.py ARGV...`` prints, run from the repository root
+    (globs in ARGV expanded)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("layout", choices=["entries", "cells", "grid"])
     parser.add_argument("summaries", nargs="+", type=Path)
     parser.add_argument("--metric", required=True)
     parser.add_argument("--baselines", default="sum")
     parser.add_argument("--bench", type=Path)
-    parser.add_argument("--entries", help="cells: the columns, in order (default: all)")
-    args = parser.parse_args()
+    parser.add_argument("--entries", help="cells, grid: the entries, in order (default: all)")
+    parser.add_argument(
+        "--cost-as",
+        help="ENTRY=BENCH_ENTRY,... an entry costs what that bench entry costs (marked *)",
+    )
+    args = parser.parse_args(_expanded(argv))
     tables = {"entries": entries_table, "cells": cells_table, "grid": grid_table}
-    print(tables[args.layout](args))
+    return tables[args.layout](args)
+
+
+def _expanded(argv: list[str]) -> list[str]:
+    words: list[str] = []
+    for word in argv:
+        matches = sorted(glob.glob(word)) if "*" in word else []
+        if matches:
+            words.extend(matches)
+        else:
+            words.append(word)
+    return words
+
+
+def refresh(path: Path) -> int:
+    """Rewrite every table of ``path`` that follows a ``<!-- tables: ARGS -->`` line with what
+    ``python docs/tables.py ARGS`` prints now; the number of tables."""
+    text = path.read_text()
+    count = 0
+
+    def redo(match: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        return f"<!-- tables: {match[1]} -->\n{table(shlex.split(match[1]))}\n"
+
+    path.write_text(MARKED.sub(redo, text))
+    return count
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["refresh"]:
+        paths = [Path(name).resolve() for name in sys.argv[2:]]
+        os.chdir(ROOT)
+        for path in paths:
+            print(f"{path.name}: {refresh(path)} tables")
+        return
+    os.chdir(ROOT)
+    print(table(sys.argv[1:]))
 
 
 if __name__ == "__main__":
