@@ -96,7 +96,7 @@ def entries_table(args: argparse.Namespace) -> str:
     loaded = [load(args.summaries, metric) for metric in metrics]
     values, better, seconds = loaded[0]
     ratios = bench_ratios(args.bench)
-    cost_as = dict(pair.split("=") for pair in args.cost_as.split(",")) if args.cost_as else {}
+    cost_as = _cost_as(args)
     baselines = [b for b in args.baselines.split(",") if b in values]
     costs_head = ["s/step (compare)", *(["step × sum (bench)"] if ratios else [])]
     if len(metrics) == 1:
@@ -168,7 +168,7 @@ def grid_table(args: argparse.Namespace) -> str:
     baselines = args.baselines.split(",")
     cells, better = by_cell(args.summaries, args.metric)
     ratios = bench_ratios(args.bench)
-    cost_as = dict(pair.split("=") for pair in args.cost_as.split(",")) if args.cost_as else {}
+    cost_as = _cost_as(args)
     entries = (
         args.entries.split(",")
         if args.entries
@@ -188,6 +188,11 @@ def grid_table(args: argparse.Namespace) -> str:
             texts.append(_cost(entry, ratios, cost_as))
         rows.append(f"| `{entry}` | " + " | ".join(texts) + " |")
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+
+
+def _cost_as(args: argparse.Namespace) -> dict[str, str]:
+    """``--cost-as ENTRY=BENCH_ENTRY,...`` as a mapping."""
+    return dict(pair.split("=") for pair in args.cost_as.split(",")) if args.cost_as else {}
 
 
 def _cost(entry: str, ratios: dict[str, float], cost_as: dict[str, str]) -> str:

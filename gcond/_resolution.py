@@ -140,10 +140,6 @@ def resolve_gram(
     largest = float((t @ gram0 @ t.T).diagonal().clamp_min(0).max().sqrt())
     eps = max(eps, VANISHED_FRACTION * largest)
     for _ in range(budget):
-        if conflicts == "harmful" and not harms_a_loss(gram0, t.sum(dim=0)):
-            current = t @ gram0 @ t.T
-            result.harmless = result.iterations == 0 and _below_weak(current, eps, thresholds)
-            break
         current = t @ gram0 @ t.T
         pair = most_conflicting_pair(current, eps)
         if pair is None:
@@ -151,6 +147,9 @@ def resolve_gram(
         i, j, c = pair
         zone = zone_of(c, thresholds)
         if zone is None:
+            break
+        if conflicts == "harmful" and not harms_a_loss(gram0, t.sum(dim=0)):
+            result.harmless = result.iterations == 0
             break
         result.zone_counts[zone] += 1
         result.iterations += 1
@@ -192,11 +191,6 @@ def harms_a_loss(gram: torch.Tensor, weights: torch.Tensor) -> bool:
         return False  # the merge vanished: it moves no loss
     norms = gram.diagonal().clamp_min(0).sqrt()
     return bool((inner < -COSINE_TOLERANCE * norms * math.sqrt(merged)).any())
-
-
-def _below_weak(gram: torch.Tensor, eps: float, thresholds: tuple[float, float, float]) -> bool:
-    pair = most_conflicting_pair(gram, eps)
-    return pair is not None and zone_of(pair[2], thresholds) is not None
 
 
 def _larger_norm_wins(gram: torch.Tensor) -> Arbitrate:
