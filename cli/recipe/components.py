@@ -144,6 +144,10 @@ class LabDataConfig(_Section):
         """Each task's relative error (`err_<task>`) and their mean."""
         return {**{f"err_{name}": "min" for name in recipe.losses}, "mean_err": "min"}
 
+    def task_metrics(self, recipe: "Recipe") -> dict[str, str]:
+        """Each loss's own metric (for Δm against single-task learning)."""
+        return {name: f"err_{name}" for name in recipe.losses}
+
     def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
         """The conflict lab goes with its model and its losses."""
         if not isinstance(recipe.model, LabModelConfig):
@@ -364,6 +368,10 @@ class MultidigitsDataConfig(_Section):
         """Each task's accuracy (`acc_<task>`) and their mean."""
         return {**{f"acc_{name}": "max" for name in recipe.losses}, "mean_acc": "max"}
 
+    def task_metrics(self, recipe: "Recipe") -> dict[str, str]:
+        """Each loss's own metric (for Δm against single-task learning)."""
+        return {name: f"acc_{name}" for name in recipe.losses}
+
     def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
         """Multidigits goes with its model (or the user's) and one loss per task."""
         if not isinstance(recipe.model, MultidigitsCnnConfig | TargetConfig):
@@ -419,6 +427,88 @@ class MultidigitsLossConfig(_Section):
                 "task_cross_entropy",
                 "a loss for data.dataset "
                 f"{_choice_of(recipe.data)} (task_cross_entropy is for data.dataset multidigits)",
+            )
+
+
+# QM9 (cli/qm9.py): the eleven targets, one loss each, named after it, in the papers' order.
+QM9_TARGET_NAMES = ("mu", "alpha", "homo", "lumo", "r2", "zpve", "u0", "u", "h", "g", "cv")
+
+
+@builtin("data", "qm9", build="qm9:build_qm9_data")
+class Qm9DataConfig(_Section):
+    """QM9's molecules (qm9pack's files): eleven regression targets, fixed train/val/test split."""
+
+    dataset: Literal["qm9"]
+    root: str | None = None  # a folder of qm9pack-format CSVs; default: the installed qm9pack
+    micro_batch_size: Size = 64  # molecules
+    train_samples: Count = 25000
+    val_samples: Count = 5000  # selects the model
+    test_samples: Count = 10000  # what is reported
+
+    def metrics(self, recipe: "Recipe") -> dict[str, str]:
+        """Mean standardised MAE on validation and test, each target's test MAE."""
+        names = {"val_std_mae": "min", "test_std_mae": "min"}
+        return {**names, **{f"test_mae_{name}": "min" for name in recipe.losses}}
+
+    def task_metrics(self, recipe: "Recipe") -> dict[str, str]:
+        """Each loss's own metric (for Δm against single-task learning)."""
+        return {name: f"test_mae_{name}" for name in recipe.losses}
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        """QM9 goes with its model (or the user's) and one loss per target."""
+        if not isinstance(recipe.model, Qm9MlpConfig | TargetConfig):
+            yield _Issue(
+                ("model",),
+                _choice_of(recipe.model),
+                "qm9_mlp (or your own model) with data.dataset qm9",
+            )
+        for name, loss in recipe.losses.items():
+            if not isinstance(loss, Qm9LossConfig | TargetConfig):
+                yield _Issue(
+                    ("losses", name),
+                    _choice_of(loss),
+                    "kind qm9_mse with data.dataset qm9 (one loss per target)",
+                )
+            elif name not in QM9_TARGET_NAMES:
+                yield _Issue(
+                    ("losses", name),
+                    name,
+                    "a loss named after its QM9 target: " + ", ".join(QM9_TARGET_NAMES),
+                )
+
+
+@builtin("model", "qm9_mlp", build="qm9:build_qm9_mlp")
+class Qm9MlpConfig(_Section):
+    """An MLP for QM9's molecule features: a shared trunk to z, one linear head per target."""
+
+    name: Literal["qm9_mlp"]
+    dim: Size = 256  # trunk width = the shared representation z
+    depth: Size = 3  # trunk layers
+    has_split: ClassVar[bool] = True  # trunk = the MLP to z, heads = one linear per target
+
+    def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
+        if not isinstance(recipe.data, Qm9DataConfig):
+            yield _Issue(
+                ("model", "name"),
+                "qm9_mlp",
+                "a model other than qm9_mlp (it is for data.dataset qm9)",
+            )
+
+
+@builtin("loss", "qm9_mse", build="qm9:build_qm9_mse")
+class Qm9LossConfig(_Section):
+    """QM9: the squared error of the (standardised) target of the loss's name."""
+
+    kind: Literal["qm9_mse"]
+    weight: NonNegative  # the loss's lambda
+
+    def recipe_issues(self, recipe: "Recipe", name: str) -> Iterator[_Issue]:
+        if not isinstance(recipe.data, Qm9DataConfig):
+            yield _Issue(
+                ("losses", name, "kind"),
+                "qm9_mse",
+                f"a loss for data.dataset {_choice_of(recipe.data)} "
+                "(qm9_mse is for data.dataset qm9)",
             )
 
 

@@ -13,6 +13,7 @@ from gcond_cli.recipe import (
     MaeVitConfig,
     MaskedConvConfig,
     MultidigitsCnnConfig,
+    Qm9MlpConfig,
     RecipeError,
     recipe_from_dict,
 )
@@ -21,7 +22,7 @@ from tests.helpers import TINY
 
 
 def test_the_built_ins_by_kind():
-    assert names("model") == ("mae_vit", "masked_conv", "lab_mlp", "multidigits_cnn")
+    assert names("model") == ("mae_vit", "masked_conv", "lab_mlp", "multidigits_cnn", "qm9_mlp")
     assert names("data") == (
         "embedded",
         "faces",
@@ -31,6 +32,7 @@ def test_the_built_ins_by_kind():
         "synthetic",
         "conflict_lab",
         "multidigits",
+        "qm9",
     )
     assert names("loss") == (
         "l1",
@@ -40,6 +42,7 @@ def test_the_built_ins_by_kind():
         "cross_entropy",
         "task_mse",
         "task_cross_entropy",
+        "qm9_mse",
     )
     assert names("method") == (
         "conductor",
@@ -66,6 +69,7 @@ def test_the_built_ins_by_kind():
         MaskedConvConfig,
         LabModelConfig,
         MultidigitsCnnConfig,
+        Qm9MlpConfig,
     ]
 
 
@@ -108,8 +112,8 @@ def test_a_wrong_name_lists_every_registered_choice():
     (error,) = _errors(_raw(name="mae_vt"))
     assert error == (
         "model.name: got 'mae_vt', expected one of 'mae_vit', 'masked_conv', 'lab_mlp', "
-        "'multidigits_cnn', or target: 'module:function' for your own code; did you mean "
-        "'mae_vit'?"
+        "'multidigits_cnn', 'qm9_mlp', or target: 'module:function' for your own code; "
+        "did you mean 'mae_vit'?"
     )
     (error,) = _errors(_raw(dim=8))
     assert error.startswith("model.name: required key is missing; expected one of 'mae_vit'")
