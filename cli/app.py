@@ -188,7 +188,9 @@ def compare(
             help="Methods to compare: conductor, conductor-stochastic, sum, the scale-only "
             "baselines sum-log and sum-normalized, with TorchJD pcgrad, upgrad, mgda, cagrad, "
             "alignedmtl, imtlg, dualproj, config, nashmtl, famo, geometric-mean, and db-mtl, "
-            "uncertainty; `gcond recipes --components` lists them (default: conductor,sum).",
+            "uncertainty; `gcond recipes --components` lists them (default: conductor,sum). "
+            "single-task adds one run per loss on that loss alone, the base of the report's "
+            "Δm% against single-task learning.",
             show_default=False,
         ),
     ] = None,

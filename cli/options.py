@@ -88,19 +88,25 @@ def parse_grid(options: Sequence[str]) -> dict[str, list[str]]:
     return grid
 
 
+# Not a method but an entry of `gcond compare`: one run per loss, trained on that loss alone
+# (plain sum, same model and budget), the base of Δm against single-task learning.
+SINGLE_TASK = "single-task"
+
+
 def parse_methods(text: str) -> list[str]:
-    """``conductor,sum`` -> the method names, each checked."""
+    """``conductor,sum`` -> the method names (and ``single-task``), each checked."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise UsageError(
             f"--methods {text!r}: expected comma-separated methods, e.g. conductor,sum"
         )
+    known = (*METHODS, SINGLE_TASK)
     for name in names:
-        if name not in METHODS:
-            close = difflib.get_close_matches(name, METHODS, n=1)
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UsageError(
-                f"--methods: unknown method {name!r}, expected one of {', '.join(METHODS)}{hint}"
+                f"--methods: unknown method {name!r}, expected one of {', '.join(known)}{hint}"
             )
     if len(set(names)) != len(names):
         raise UsageError(f"--methods {text!r}: a method is listed twice")

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .report import baselines, grid_rows, sentences, table_cells, verdict_cells
+from .report import baselines, delta_cells, grid_rows, sentences, table_cells, verdict_cells
 
 _LABEL_STYLE = {"better": "bold green", "worse": "bold red"}
 
@@ -51,6 +51,22 @@ def print_verdicts(out: Console, summary: Mapping[str, Any]) -> None:
         out.print(table)
         for line in sentences(summary, baseline):
             out.print(line, markup=False, highlight=False)
+
+
+def print_delta(out: Console, summary: Mapping[str, Any]) -> None:
+    """The Δm table (nothing without per-task metrics)."""
+    titles, rows = delta_cells(summary)
+    if not rows:
+        return
+    table = Table(
+        title="Δm%: mean relative change over every task's metric (positive is worse)",
+        caption="STL: single-task learning; ▲ / ▼: the 95 % interval excludes 0",
+    )
+    for title in titles:
+        table.add_column(title, justify="left" if title == titles[0] else "right")
+    for name, cells in rows:
+        table.add_row(name, *cells)
+    out.print(table)
 
 
 def print_grid(out: Console, grid: Mapping[str, Any]) -> None:

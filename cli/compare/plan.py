@@ -14,7 +14,14 @@ from typing import Any
 
 from ..errors import RecipeError, UsageError
 from ..methods import method_unavailable
-from ..options import parse_baselines, parse_grid, parse_methods, parse_variant, parse_variants
+from ..options import (
+    SINGLE_TASK,
+    parse_baselines,
+    parse_grid,
+    parse_methods,
+    parse_variant,
+    parse_variants,
+)
 from ..recipe import Recipe, load_recipe, recipe_from_dict, recipe_to_dict, recipes_dir
 from ..run.files import RECIPE_FILE
 
@@ -25,11 +32,13 @@ DEFAULT_BASELINE = "sum"
 
 @dataclass(frozen=True)
 class Entry:
-    """One row of the comparison: a method, or a named variant of the recipe."""
+    """One row of the comparison: a method, or a named variant of the recipe; or one run of
+    ``single-task`` (``loss`` set: the recipe with that loss alone, trained with ``sum``)."""
 
     name: str
     overrides: tuple[str, ...]  # applied on top of the comparison's recipe
     variant: bool
+    loss: str | None = None
 
 
 @dataclass
@@ -41,6 +50,7 @@ class Plan:
     seeds: list[int]
     baselines: list[str] = field(default_factory=lambda: [DEFAULT_BASELINE])  # judged against
     grid: dict[str, list[str]] = field(default_factory=dict)  # recipe key -> values, crossed
+    losses: list[str] = field(default_factory=list)  # the recipe's, for single-task's runs
 
     @property
     def cells(self) -> list[tuple[str | None, tuple[str, ...]]]:
@@ -63,9 +73,25 @@ class Plan:
 
     @property
     def entries(self) -> list[Entry]:
-        methods = [Entry(m, (f"conductor.method={m}",), False) for m in self.methods]
+        """Every run of a seed: the methods, the variants, then single-task's one per loss."""
+        methods = [
+            Entry(m, (f"conductor.method={m}",), False) for m in self.methods if m != SINGLE_TASK
+        ]
         variants = [Entry(n, tuple(o), True) for n, o in self.variants.items()]
-        return methods + variants
+        return methods + variants + self.single_task_entries
+
+    @property
+    def compared(self) -> list[Entry]:
+        """The entries of the table and the verdicts (single-task's runs are apart)."""
+        return [e for e in self.entries if e.loss is None]
+
+    @property
+    def single_task_entries(self) -> list[Entry]:
+        """``single-task/<loss>``: the recipe with that loss alone, plain sum, no loss scale."""
+        if SINGLE_TASK not in self.methods:
+            return []
+        overrides = ("conductor.method=sum", "loss_scale=none")
+        return [Entry(f"{SINGLE_TASK}/{n}", overrides, False, loss=n) for n in self.losses]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +103,7 @@ class Plan:
             "baseline": self.baseline,  # the first, as plans before several baselines
             "baselines": self.baselines,
             "grid": self.grid,
+            "losses": self.losses,
         }
 
 
@@ -95,7 +122,11 @@ def make_plan(
     count = 1 if seeds is None else seeds
     if count < 1:
         raise UsageError(f"--seeds: got {count}, expected at least 1")
-    entries = [*method_names, *parsed]
+    entries = [m for m in [*method_names, *parsed] if m != SINGLE_TASK]
+    if SINGLE_TASK in method_names and len(recipe.losses) < 2:
+        raise UsageError(f"--methods {SINGLE_TASK}: the recipe has one loss, nothing to separate")
+    if not entries:
+        raise UsageError(f"--methods: {SINGLE_TASK} is compared against methods; add some")
     if baseline is None:
         baselines = [DEFAULT_BASELINE if DEFAULT_BASELINE in entries else entries[0]]
     else:
@@ -108,6 +139,7 @@ def make_plan(
         seeds=[recipe.seed + i for i in range(count)],
         baselines=baselines,
         grid=parse_grid(grid),
+        losses=list(recipe.losses),
     )
 
 
@@ -143,10 +175,13 @@ def _run_recipes(base: Recipe, plan: Plan) -> dict[tuple[str, int], Recipe]:
     raw = recipe_to_dict(base)
     recipes, errors = {}, []
     for entry in plan.entries:
+        own = raw
+        if entry.loss is not None:
+            own = {**raw, "losses": {entry.loss: raw["losses"][entry.loss]}}
         try:
             for seed in plan.seeds:
                 recipes[entry.name, seed] = recipe_from_dict(
-                    raw, [*entry.overrides, f"seed={seed}"]
+                    own, [*entry.overrides, f"seed={seed}"]
                 )
         except RecipeError as exc:
             errors += [f"{entry.name}: {line}" for line in exc.errors]
@@ -186,6 +221,7 @@ def load_plan(compare_dir: Path, given: Recipe | None) -> tuple[Plan, Recipe]:
     # Plans written before several baselines have one; before --baseline, none.
     plan.baselines = data.get("baselines") or [data.get("baseline", DEFAULT_BASELINE)]
     plan.grid = data.get("grid", {})
+    plan.losses = data.get("losses", [])
     try:
         base = load_recipe(recipe_path)
     except RecipeError as exc:

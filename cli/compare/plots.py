@@ -1,13 +1,16 @@
 """PNG plots for a `gcond compare` report, drawn from the runs' ``metrics.jsonl`` files.
 
-`write_plots` writes up to three pictures into the compare directory and returns them by title,
+`write_plots` writes up to four pictures into the compare directory and returns them by title,
 in report order:
 
 * ``eval_curves.png``: each eval metric over optimizer steps, per entry the mean over seeds and a
   min..max band over seeds;
 * ``gradients.png``: the lowest pairwise cosine between the raw per-loss gradients and the ratio
   of the largest to the smallest raw gradient norm over steps (entries that log them only);
-* ``final_per_seed.png``: each seed's final eval value per entry, with the mean over seeds.
+* ``final_per_seed.png``: each seed's final eval value per entry, with the mean over seeds;
+* ``task_change.png`` (with ``single-task``): per task, each entry's change of the task's own
+  metric against single-task learning, in percent (positive is worse), at the selected
+  evaluation: the per-task terms whose mean is Δm.
 
 matplotlib is imported lazily and only through its object-oriented API (`Figure` with an Agg
 canvas, no ``pyplot``): no GUI backend is ever chosen, no global figure state is touched, and
@@ -33,6 +36,7 @@ __all__ = ["norm_ratio", "write_plots"]
 EVAL_CURVES_FILE = "eval_curves.png"
 GRADIENTS_FILE = "gradients.png"
 FINAL_PER_SEED_FILE = "final_per_seed.png"
+TASK_CHANGE_FILE = "task_change.png"
 
 _WIDTH_IN = 10.0  # 1000 px at _DPI
 _DPI = 100
@@ -84,6 +88,10 @@ def write_plots(compare_dir: Path, summary: Mapping[str, Any]) -> dict[str, str]
             continue
         _save(fig, compare_dir / file_name)
         drawn[title] = file_name
+    fig = _task_change_figure(summary, colors)
+    if fig is not None:
+        _save(fig, compare_dir / TASK_CHANGE_FILE)
+        drawn["Each task against single-task learning"] = TASK_CHANGE_FILE
     return drawn
 
 
@@ -408,6 +416,44 @@ def _grey_marker(marker: str) -> Any:
         markeredgecolor="black",
         markersize=7,
     )
+
+
+def _task_change_figure(summary: Mapping[str, Any], colors: Mapping[str, Any]) -> Figure | None:
+    """Grouped bars: per task, each entry's mean signed change (%) against the single-task
+    base, at the selected evaluation (None without single-task runs)."""
+    delta = summary.get("delta_m") or {}
+    base = (delta.get("single_task") or {}).get("selected")
+    if not base:
+        return None
+    metrics, better = delta["metrics"], delta["better"]
+    tasks = [t for t in metrics if t in base]
+    names = [n for n in summary.get("runs", {}) if n in colors]
+    fig, (ax,) = _new_figure(1)
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        heights = []
+        for task in tasks:
+            key, reference = f"eval/{metrics[task]}", base[task]["mean"]
+            values = [
+                run["eval_selected"][key]
+                for run in summary["runs"][name].values()
+                if _is_number((run.get("eval_selected") or {}).get(key))
+            ]
+            sign = 1.0 if better[task] == "min" else -1.0
+            change = (
+                100.0 * sign * (sum(values) / len(values) - reference) / abs(reference)
+                if values and reference
+                else math.nan
+            )
+            heights.append(change)
+        offsets = [t + (i - (len(names) - 1) / 2) * width for t in range(len(tasks))]
+        ax.bar(offsets, heights, width, color=colors[name], label=name)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("change vs single-task, % (positive is worse)")
+    ax.set_title("each task's own metric at the selected evaluation, mean over seeds")
+    _legend(fig, *ax.get_legend_handles_labels())
+    return fig
 
 
 def _save(fig: Figure, path: Path) -> None:

@@ -82,6 +82,71 @@ def sentences(summary: Mapping[str, Any], baseline: str) -> list[str]:
     return list(by_baseline.get(baseline, []))
 
 
+def delta_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Titles and, per entry, Δm cells: against single-task learning (when it ran) and the
+    baseline, at the selected and the final evaluation; ([], []) without per-task metrics."""
+    delta = summary.get("delta_m")
+    if not delta:
+        return [], []
+    bases = ["vs_single_task"] if delta["single_task"] else []
+    if delta["baseline"]:
+        bases.append(f"vs_{delta['baseline']}")
+    names = {"vs_single_task": "STL"}
+    titles = ["entry"] + [
+        f"Δm% vs {names.get(b, b.removeprefix('vs_'))} ({stage})"
+        for b in bases
+        for stage in ("selected", "final")
+    ]
+    rows = []
+    for name, per_stage in delta["entries"].items():
+        cells = []
+        for base in bases:
+            for stage in ("selected", "final"):
+                cell = per_stage.get(stage, {}).get(base)
+                if cell is None:
+                    cells.append("–" if base != "vs_single_task" or name != "single-task" else "0")
+                    continue
+                text = f"{cell['mean']:+.1f}"
+                if len(cell["values"]) > 1:
+                    text += f" ± {cell['std']:.1f}"
+                label = (cell.get("verdict") or {}).get("label")
+                cells.append(text + (f" {_MARK[label]}" if label in ("better", "worse") else ""))
+        rows.append((name, cells))
+    return titles, rows
+
+
+def _delta_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The Δm section of ``report.md`` (empty without per-task metrics)."""
+    titles, rows = delta_cells(summary)
+    if not rows:
+        return []
+    delta = summary["delta_m"]
+    metrics = ", ".join(f"`{m}`" for m in delta["metrics"].values())
+    lines = [
+        "",
+        "## Δm: all tasks in one number",
+        "",
+        *_markdown_table(titles, ([f"`{n}`", *cells] for n, cells in rows)),
+        "",
+        "Δm% = 100/K · Σ_k ±(M_k − B_k)/B_k over the K tasks' own metrics "
+        f"({metrics}), signed so that positive is worse; mean ± std over seeds, ▲ / ▼ where "
+        "the 95 % interval excludes 0. Selected: the evaluation at which "
+        f"`{summary.get('selection_metric', 'checkpoint.best_metric')}` was best; final: the last.",
+    ]
+    if delta["single_task"]:
+        lines.append(
+            "STL: single-task learning, one run per loss on that loss alone (plain sum, same "
+            "model, steps and micro-batches); its base B_k is the mean over seeds of task k's "
+            "run, as the papers report it."
+        )
+    if delta["baseline"]:
+        lines.append(
+            f"vs {delta['baseline']}: paired by seed, B_k from the same seed's "
+            f"`{delta['baseline']}` run."
+        )
+    return lines
+
+
 def _markdown_table(titles: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return [
         "| " + " | ".join(titles) + " |",
@@ -163,6 +228,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
             lines.append(f"* `{entry['name']}`: variant, method `{entry['method']}`, {changes}")
         else:
             lines.append(f"* `{entry['name']}`: method `{entry['method']}`")
+    lines += _delta_lines(summary)
     for baseline in baselines(summary):
         lines += _verdict_section(summary, baseline)
     plots = summary.get("plots") or {}

@@ -17,12 +17,22 @@ from typing import Any
 
 from ..recipe import Recipe
 from ..run.files import SUMMARY_FILE, min_cosine, norm_ratio, read_first_batch, read_metrics
+from .delta import delta_m_table
 from .plan import Entry, Plan
 from .verdict import Verdict, paired_verdict, sentence
 
 # The eval metrics of the table for the built-in data sets, in its order (which way each
 # improves: `Recipe.better`); the per-task errors and accuracies follow them.
-SHOWN_METRICS = ("l1", "ssim", "psnr", "accuracy", "mean_err", "mean_acc")
+SHOWN_METRICS = (
+    "l1",
+    "ssim",
+    "psnr",
+    "accuracy",
+    "mean_err",
+    "mean_acc",
+    "val_std_mae",
+    "test_std_mae",
+)
 TASK_ERROR = "err_"  # the conflict lab's per-task errors, eval/err_<task>
 TASK_ACCURACY = "acc_"  # multidigits' per-task accuracies, eval/acc_<task>
 
@@ -35,6 +45,7 @@ def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
     train = [r for r in records if r.get("kind") == "train"]
     keys = sorted({k for r in evals for k in r if k.startswith("eval/")})
     final = {k: evals[-1].get(k) for k in keys} if evals else {}
+    selected = _selected(evals, recipe)
     best = {}
     for key in keys:
         values = [r[key] for r in evals if isinstance(r.get(key), int | float)]
@@ -65,10 +76,32 @@ def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
         "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
         "eval_final": final,
         "eval_best": best,
+        "eval_selected": {k: selected.get(k) for k in keys},
+        "selected_step": selected.get("step"),
         "conflict": conflict,
         "norm_ratio": scales,
         "first_batch_sha256": read_first_batch(run_dir),
     }
+
+
+def _selected(evals: list[dict], recipe: Recipe) -> dict[str, Any]:
+    """The evaluation a run would be judged by under model selection: the one at which
+    ``checkpoint.best_metric`` was best (the first such), the last one if it never reported it."""
+    key = recipe.checkpoint.best_metric
+    scored = [r for r in evals if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    if not scored:
+        return evals[-1] if evals else {}
+    pick = min if recipe.better(key) == "min" else max
+    return pick(scored, key=lambda r: r[key])
+
+
+def task_metrics(recipe: Recipe, present: set[str]) -> dict[str, str]:
+    """Each loss's own eval metric (name without ``eval/``), for Δm: what the data set declares
+    (QM9, the lab, multidigits), else a metric named after the loss (the user's evaluation and
+    the default one report each loss); {} when a loss has none."""
+    declared = getattr(recipe.data, "task_metrics", None)
+    found = declared(recipe) if declared is not None else {n: n for n in recipe.losses}
+    return found if all(m in present for m in found.values()) else {}
 
 
 def shown_metrics(recipe: Recipe, present: set[str]) -> dict[str, str]:
@@ -134,8 +167,9 @@ def summarize(
 ) -> dict[str, Any]:
     """The comparison as plain data: per entry and column, mean ± std over the seeds, and every
     entry's verdict against each baseline."""
-    entries = plan.entries
+    entries = plan.compared
     runs = _read_runs(compare_dir, entries, plan.seeds)
+    single_task = _read_runs(compare_dir, plan.single_task_entries, plan.seeds)
     present = {k.removeprefix("eval/") for r in _all(runs) for k in r.get("eval_final", {})}
     first = recipes[entries[0].name, plan.seeds[0]]
     metrics = shown_metrics(first, present)
@@ -150,6 +184,16 @@ def summarize(
     primary = first.checkpoint.best_metric.removeprefix("eval/")
     primary = primary if primary in metrics else (next(iter(metrics)) if metrics else None)
     sentences = {b: _sentences(per, b, primary, results) for b, per in verdicts.items()}
+    per_task = task_metrics(first, present)
+    delta = None
+    if per_task:
+        delta = delta_m_table(
+            runs,
+            {e.loss: single_task[e.name] for e in plan.single_task_entries},
+            per_task,
+            {task: first.better(m) for task, m in per_task.items()},
+            "sum" if "sum" in runs else plan.baseline,
+        )
     return {
         "recipe": first.name,
         "source": plan.source,
@@ -157,6 +201,7 @@ def summarize(
         "baseline": plan.baseline,
         "baselines": plan.baselines,
         "primary_metric": primary,
+        "selection_metric": first.checkpoint.best_metric,
         "verdicts": verdicts[plan.baseline],
         "verdicts_by_baseline": verdicts,
         "sentences": [line for lines in sentences.values() for line in lines],
@@ -186,7 +231,9 @@ def summarize(
         "results": results,
         "data_check": {"identical": not warnings, "first_batch_sha256": checksums},
         "warnings": warnings,
+        "delta_m": delta,
         "runs": runs,
+        "single_task_runs": {e.loss: single_task[e.name] for e in plan.single_task_entries},
     }
 
 

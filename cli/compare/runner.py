@@ -52,7 +52,7 @@ from ..recipe import ImageDataConfig, LabDataConfig, Recipe, dump_recipe_yaml
 from ..run.checkpoint import latest_checkpoint
 from ..run.files import MIN_COSINE, RECIPE_FILE, SUMMARY_FILE
 from ..run.open import open_run, run_to_end, saved_recipe
-from .console import print_error, print_grid, print_table, print_verdicts
+from .console import print_delta, print_error, print_grid, print_table, print_verdicts
 from .plan import (
     PLAN_FILE,
     Plan,
@@ -307,6 +307,7 @@ def _finish_cell(
     if label is not None:
         out.print(Text(f"cell {label}", style="bold"))
     print_table(out, summary)
+    print_delta(out, summary)
     print_verdicts(out, summary)
     for warning in summary["warnings"]:
         out.print(f"warning: {warning}", style="yellow", markup=False)
