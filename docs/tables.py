@@ -11,6 +11,8 @@ JSON is given, each entry's step time × ``sum`` from ``gcond bench``.
         [--bench docs/bench/x.json] [--entries ...] docs/quality/conflict_lab/*/summary.json
     python docs/tables.py cells --metric mean_err --baselines sum,conductor \\
         [--entries sum,conductor,...] docs/quality/conflict_lab/*/summary.json
+    python docs/tables.py deltam --baselines sum,sum-log [--stage final] \\
+        [--published docs/quality/qm9/published.json] [--bench ...] docs/quality/qm9/summary.json
 
 ``grid`` is the same data turned around: one row per entry, one column per cell (mean and the
 marks), and, with ``--bench``, the entry's step time × ``sum``.
@@ -37,6 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gcond_cli.compare.delta import delta_m, single_task_base, task_values
 from gcond_cli.compare.verdict import BETTER, NOISE, WORSE, paired_verdict
 
 MARKS = {BETTER: "▲", WORSE: "▼", NOISE: "≈"}
@@ -82,10 +85,10 @@ def mark(entry: dict[int, float], baseline: dict[int, float], better: str) -> st
     return f"{MARKS.get(verdict.label, '?')} {verdict.mean:+.3f}"
 
 
-def spread(values: dict[int, float]) -> str:
+def spread(values: dict[Any, float], form: str = "{:.4f}") -> str:
     numbers = list(values.values())
     std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
-    return f"{statistics.fmean(numbers):.4f} ± {std:.4f}"
+    return f"{form.format(statistics.fmean(numbers))} ± {form.format(std).lstrip('+')}"
 
 
 def entries_table(args: argparse.Namespace) -> str:
@@ -190,6 +193,77 @@ def grid_table(args: argparse.Namespace) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
 
 
+def deltam_table(args: argparse.Namespace) -> str:
+    """One row per entry: Δm% against single-task learning (``single-task`` runs in the
+    summaries) at ``--stage``, the marks against each baseline (paired by seed), the costs,
+    and the published Δm% of ``--published`` (a JSON of tables by name) beside them."""
+    runs: dict[str, dict] = {}
+    single: dict[str, dict] = {}
+    metrics: dict[str, str] = {}
+    better: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for path in args.summaries:
+        summary = json.loads(path.read_text())
+        delta = summary["delta_m"]
+        metrics, better = delta["metrics"], delta["better"]
+        for entry, per_seed in summary["runs"].items():
+            runs.setdefault(entry, per_seed)
+            seconds.setdefault(entry, summary["results"][entry]["step_seconds"]["mean"])
+        for task, per_seed in summary.get("single_task_runs", {}).items():
+            single.setdefault(task, per_seed)
+    stages = args.stage.split(",")
+    seeds = sorted({seed for per in single.values() for seed in per})
+    base: dict[str, dict[str, float]] = {}
+    per_stage: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for stage in stages:
+        base[stage] = {t: b["mean"] for t, b in single_task_base(single, metrics, stage).items()}
+        per_entry = {
+            name: {seed: task_values(run, metrics, stage) for seed, run in per_seed.items()}
+            for name, per_seed in runs.items()
+        }
+        if single:
+            per_entry["single-task"] = {
+                seed: {t: task_values(single[t][seed], {t: metrics[t]}, stage)[t] for t in metrics}
+                for seed in seeds
+            }
+        per_stage[stage] = per_entry
+    per_entry = per_stage[stages[0]]
+    baselines = [b for b in args.baselines.split(",") if b in per_entry]
+    published = json.loads(args.published.read_text()) if args.published else {}
+    names, tables = published.get("names", {}), published.get("tables", {})
+    ratios = bench_ratios(args.bench)
+    cost_as = _cost_as(args)
+    head = [
+        "entry",
+        *[f"Δm% vs STL ({stage})" for stage in stages],
+        *[f"vs {b} ({stages[0]})" for b in baselines],
+        "s/step (compare)",
+        *(["step × sum (bench)"] if ratios else []),
+        *tables,
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry, per_seed in per_entry.items():
+        texts = []
+        for stage in stages:
+            stl = {s: delta_m(v, base[stage], better) for s, v in per_stage[stage][entry].items()}
+            texts.append(spread(stl, "{:+.1f}") if len(base[stage]) == len(metrics) else "–")
+        for b in baselines:
+            if b == entry:
+                texts.append("–")
+                continue
+            paired = {s: delta_m(v, per_entry[b][s], better) for s, v in per_seed.items()}
+            verdict = paired_verdict(paired, dict.fromkeys(paired, 0.0), "min")
+            texts.append(f"{MARKS.get(verdict.label, '?')} {verdict.mean:+.1f}" if verdict else "–")
+        texts.append(f"{seconds[entry]:.3f}" if entry in seconds else "–")
+        if ratios:
+            texts.append(_cost(entry, ratios, cost_as))
+        paper = names.get(entry)
+        texts += [f"{t[paper]:.1f}" if paper in t else "–" for t in tables.values()]
+        label = f"`{entry}`" + (f" ({paper})" if paper else "")
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
 def _cost_as(args: argparse.Namespace) -> dict[str, str]:
     """``--cost-as ENTRY=BENCH_ENTRY,...`` as a mapping."""
     return dict(pair.split("=") for pair in args.cost_as.split(",")) if args.cost_as else {}
@@ -221,18 +295,31 @@ def table(argv: list[str]) -> str:
     """The table that ``python docs/tables.py ARGV...`` prints, run from the repository root
     (globs in ARGV expanded)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("layout", choices=["entries", "cells", "grid"])
+    parser.add_argument("layout", choices=["entries", "cells", "grid", "deltam"])
     parser.add_argument("summaries", nargs="+", type=Path)
-    parser.add_argument("--metric", required=True)
+    parser.add_argument("--metric", help="entries, cells, grid: the final metric compared")
     parser.add_argument("--baselines", default="sum")
     parser.add_argument("--bench", type=Path)
     parser.add_argument("--entries", help="cells, grid: the entries, in order (default: all)")
+    parser.add_argument(
+        "--stage",
+        default="selected",
+        help="deltam: selected, final or both (selected,final); the marks use the first",
+    )
+    parser.add_argument("--published", type=Path, help="deltam: published Δm%% tables (JSON)")
     parser.add_argument(
         "--cost-as",
         help="ENTRY=BENCH_ENTRY,... an entry costs what that bench entry costs (marked *)",
     )
     args = parser.parse_args(_expanded(argv))
-    tables = {"entries": entries_table, "cells": cells_table, "grid": grid_table}
+    if args.layout != "deltam" and not args.metric:
+        parser.error(f"{args.layout} needs --metric")
+    tables = {
+        "entries": entries_table,
+        "cells": cells_table,
+        "grid": grid_table,
+        "deltam": deltam_table,
+    }
     return tables[args.layout](args)
 
 
