@@ -374,25 +374,15 @@ class MultidigitsDataConfig(_Section):
 
     def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
         """Multidigits goes with its model (or the user's) and one loss per task."""
-        if not isinstance(recipe.model, MultidigitsCnnConfig | TargetConfig):
-            yield _Issue(
-                ("model",),
-                _choice_of(recipe.model),
-                "multidigits_cnn (or your own model) with data.dataset multidigits",
-            )
-        for name, loss in recipe.losses.items():
-            if not isinstance(loss, MultidigitsLossConfig | TargetConfig):
-                yield _Issue(
-                    ("losses", name),
-                    _choice_of(loss),
-                    "kind task_cross_entropy with data.dataset multidigits (one loss per task)",
-                )
-            elif name not in MULTIDIGITS_TASKS:
-                yield _Issue(
-                    ("losses", name),
-                    name,
-                    "a loss named after its multidigits task: " + ", ".join(MULTIDIGITS_TASKS),
-                )
+        yield from _task_data_issues(
+            recipe,
+            "multidigits",
+            (MultidigitsCnnConfig, "multidigits_cnn"),
+            (MultidigitsLossConfig, "task_cross_entropy"),
+            MULTIDIGITS_TASKS,
+            "task",
+            "multidigits task",
+        )
 
 
 @builtin("model", "multidigits_cnn", build="digits:build_multidigits_cnn")
@@ -456,25 +446,15 @@ class Qm9DataConfig(_Section):
 
     def recipe_issues(self, recipe: "Recipe") -> Iterator[_Issue]:
         """QM9 goes with its model (or the user's) and one loss per target."""
-        if not isinstance(recipe.model, Qm9MlpConfig | TargetConfig):
-            yield _Issue(
-                ("model",),
-                _choice_of(recipe.model),
-                "qm9_mlp (or your own model) with data.dataset qm9",
-            )
-        for name, loss in recipe.losses.items():
-            if not isinstance(loss, Qm9LossConfig | TargetConfig):
-                yield _Issue(
-                    ("losses", name),
-                    _choice_of(loss),
-                    "kind qm9_mse with data.dataset qm9 (one loss per target)",
-                )
-            elif name not in QM9_TARGET_NAMES:
-                yield _Issue(
-                    ("losses", name),
-                    name,
-                    "a loss named after its QM9 target: " + ", ".join(QM9_TARGET_NAMES),
-                )
+        yield from _task_data_issues(
+            recipe,
+            "qm9",
+            (Qm9MlpConfig, "qm9_mlp"),
+            (Qm9LossConfig, "qm9_mse"),
+            QM9_TARGET_NAMES,
+            "target",
+            "QM9 target",
+        )
 
 
 @builtin("model", "qm9_mlp", build="qm9:build_qm9_mlp")
@@ -509,6 +489,39 @@ class Qm9LossConfig(_Section):
                 "qm9_mse",
                 f"a loss for data.dataset {_choice_of(recipe.data)} "
                 "(qm9_mse is for data.dataset qm9)",
+            )
+
+
+def _task_data_issues(
+    recipe: "Recipe",
+    dataset: str,
+    model: tuple[type, str],
+    loss: tuple[type, str],
+    tasks: tuple[str, ...],
+    task: str,
+    described: str,
+) -> Iterator[_Issue]:
+    """A data set of named tasks goes with its model (or the user's) and one loss per task, of
+    its kind (or the user's) and named after its task. ``model`` and ``loss``: the built-in's
+    section and name; ``task``: what one is called ("task", "target"); ``described``: the same
+    with the data set's name ("QM9 target")."""
+    (model_section, model_name), (loss_section, loss_kind) = model, loss
+    if not isinstance(recipe.model, model_section | TargetConfig):
+        yield _Issue(
+            ("model",),
+            _choice_of(recipe.model),
+            f"{model_name} (or your own model) with data.dataset {dataset}",
+        )
+    for name, section in recipe.losses.items():
+        if not isinstance(section, loss_section | TargetConfig):
+            yield _Issue(
+                ("losses", name),
+                _choice_of(section),
+                f"kind {loss_kind} with data.dataset {dataset} (one loss per {task})",
+            )
+        elif name not in tasks:
+            yield _Issue(
+                ("losses", name), name, f"a loss named after its {described}: " + ", ".join(tasks)
             )
 
 
