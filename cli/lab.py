@@ -43,10 +43,10 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import BuiltinData, _generator
+from .losses import task_mse
 
 _TEACHER_KEY = "conflict-lab-teacher"
 _VAL_KEY = "conflict-lab-validation"
@@ -175,15 +175,6 @@ class LabMLP(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.heads(self.trunk(x))
-
-
-def task_mse(name: str):
-    """The mean squared error of task ``name`` (its output and its target)."""
-
-    def loss(output: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
-        return F.mse_loss(output[name].float(), target[name].float())
-
-    return loss
 
 
 def lab_eval_sums(

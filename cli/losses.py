@@ -53,6 +53,16 @@ def build_cross_entropy(name: str, cfg: Any, recipe: Any) -> LossFn:
     return _cross_entropy
 
 
+def task_mse(name: str) -> LossFn:
+    """The mean squared error of task ``name`` (its output and its target, both keyed by the
+    task's name): the lab's and QM9's per-task loss."""
+
+    def loss(output: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+        return F.mse_loss(output[name].float(), target[name].float())
+
+    return loss
+
+
 def log_scaled(fn: LossFn) -> LossFn:
     """``log fn(output, target)``: its gradient is ``∇L / L``, so every loss counts by its relative
     change, whatever its units. A loss of exactly 0 is clamped to the smallest normal float (a

@@ -68,11 +68,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import BuiltinData, _generator
 from .errors import DatasetError
+from .losses import task_mse
 
 HARTREE_TO_EV = 27.211386246
 ELEMENTS = ("H", "C", "N", "O", "F")
@@ -562,15 +562,6 @@ def build_qm9_mlp(cfg: Any, recipe: Any) -> nn.Module:
     return QM9MLP(list(recipe.losses), dim=cfg.dim, depth=cfg.depth)
 
 
-def qm9_mse(name: str) -> Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]:
-    """The squared error of target ``name``'s standardised prediction."""
-
-    def loss(output: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
-        return F.mse_loss(output[name].float(), target[name])
-
-    return loss
-
-
 def build_qm9_mse(name: str, cfg: Any, recipe: Any) -> Callable[..., Tensor]:
-    """The squared error of the target of the loss's name."""
-    return qm9_mse(name)
+    """The squared error of the standardised target of the loss's name."""
+    return task_mse(name)
