@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gcond_cli.compare.delta import delta_m, single_task_base, task_values
+from gcond_cli.compare.delta import delta_m_table
 from gcond_cli.compare.verdict import BETTER, NOISE, WORSE, paired_verdict
 
 MARKS = {BETTER: "▲", WORSE: "▼", NOISE: "≈"}
@@ -212,23 +212,13 @@ def deltam_table(args: argparse.Namespace) -> str:
         for task, per_seed in summary.get("single_task_runs", {}).items():
             single.setdefault(task, per_seed)
     stages = args.stage.split(",")
-    seeds = sorted({seed for per in single.values() for seed in per})
-    base: dict[str, dict[str, float]] = {}
-    per_stage: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
-    for stage in stages:
-        base[stage] = {t: b["mean"] for t, b in single_task_base(single, metrics, stage).items()}
-        per_entry = {
-            name: {seed: task_values(run, metrics, stage) for seed, run in per_seed.items()}
-            for name, per_seed in runs.items()
-        }
-        if single:
-            per_entry["single-task"] = {
-                seed: {t: task_values(single[t][seed], {t: metrics[t]}, stage)[t] for t in metrics}
-                for seed in seeds
-            }
-        per_stage[stage] = per_entry
-    per_entry = per_stage[stages[0]]
-    baselines = [b for b in args.baselines.split(",") if b in per_entry]
+
+    def delta_rows(baseline: str | None) -> dict[str, dict]:
+        return delta_m_table(runs, single, metrics, better, baseline)["entries"]
+
+    rows = delta_rows(None)
+    baselines = [b for b in args.baselines.split(",") if b in rows]
+    paired = {b: delta_rows(b) for b in baselines}
     published = json.loads(args.published.read_text()) if args.published else {}
     names, tables = published.get("names", {}), published.get("tables", {})
     ratios = bench_ratios(args.bench)
@@ -242,18 +232,16 @@ def deltam_table(args: argparse.Namespace) -> str:
         *tables,
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for entry, per_seed in per_entry.items():
+    for entry, row in rows.items():
         texts = []
         for stage in stages:
-            stl = {s: delta_m(v, base[stage], better) for s, v in per_stage[stage][entry].items()}
-            texts.append(spread(stl, "{:+.1f}") if len(base[stage]) == len(metrics) else "–")
+            stl = row[stage].get("vs_single_task")
+            texts.append(spread(stl["values"], "{:+.1f}") if stl else "–")
         for b in baselines:
-            if b == entry:
+            if verdict := (paired[b][entry][stages[0]].get(f"vs_{b}") or {}).get("verdict"):
+                texts.append(f"{MARKS.get(verdict['label'], '?')} {verdict['mean']:+.1f}")
+            else:
                 texts.append("–")
-                continue
-            paired = {s: delta_m(v, per_entry[b][s], better) for s, v in per_seed.items()}
-            verdict = paired_verdict(paired, dict.fromkeys(paired, 0.0), "min")
-            texts.append(f"{MARKS.get(verdict.label, '?')} {verdict.mean:+.1f}" if verdict else "–")
         texts.append(f"{seconds[entry]:.3f}" if entry in seconds else "–")
         if ratios:
             texts.append(_cost(entry, ratios, cost_as))

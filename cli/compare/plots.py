@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..run.files import METRICS_FILE, MIN_COSINE, norm_ratio, read_records
+from .delta import delta_m, task_values
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -433,19 +434,15 @@ def _task_change_figure(summary: Mapping[str, Any], colors: Mapping[str, Any]) -
     for i, name in enumerate(names):
         heights = []
         for task in tasks:
-            key, reference = f"eval/{metrics[task]}", base[task]["mean"]
+            own = {task: metrics[task]}
             values = [
-                run["eval_selected"][key]
+                v
                 for run in summary["runs"][name].values()
-                if _is_number((run.get("eval_selected") or {}).get(key))
+                if (v := task_values(run, own, "selected").get(task)) is not None
             ]
-            sign = 1.0 if better[task] == "min" else -1.0
-            change = (
-                100.0 * sign * (sum(values) / len(values) - reference) / abs(reference)
-                if values and reference
-                else math.nan
-            )
-            heights.append(change)
+            mean = {task: sum(values) / len(values)} if values else {}
+            change = delta_m(mean, {task: base[task]["mean"]}, better)
+            heights.append(math.nan if change is None else change)
         offsets = [t + (i - (len(names) - 1) / 2) * width for t in range(len(tasks))]
         ax.bar(offsets, heights, width, color=colors[name], label=name)
     ax.axhline(0.0, color="black", linewidth=0.8)

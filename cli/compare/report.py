@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .delta import STAGES
 from .results import columns_for, difference_format
 from .verdict import Verdict, format_difference
 
@@ -93,15 +94,13 @@ def delta_cells(summary: Mapping[str, Any]) -> tuple[list[str], list[tuple[str, 
         bases.append(f"vs_{delta['baseline']}")
     names = {"vs_single_task": "STL"}
     titles = ["entry"] + [
-        f"Δm% vs {names.get(b, b.removeprefix('vs_'))} ({stage})"
-        for b in bases
-        for stage in ("selected", "final")
+        f"Δm% vs {names.get(b, b.removeprefix('vs_'))} ({stage})" for b in bases for stage in STAGES
     ]
     rows = []
     for name, per_stage in delta["entries"].items():
         cells = []
         for base in bases:
-            for stage in ("selected", "final"):
+            for stage in STAGES:
                 cell = per_stage.get(stage, {}).get(base)
                 if cell is None:
                     cells.append("–" if base != "vs_single_task" or name != "single-task" else "0")

@@ -185,11 +185,12 @@ def summarize(
     primary = primary if primary in metrics else (next(iter(metrics)) if metrics else None)
     sentences = {b: _sentences(per, b, primary, results) for b, per in verdicts.items()}
     per_task = task_metrics(first, present)
+    single_task_runs = {e.loss: single_task[e.name] for e in plan.single_task_entries}
     delta = None
     if per_task:
         delta = delta_m_table(
             runs,
-            {e.loss: single_task[e.name] for e in plan.single_task_entries},
+            single_task_runs,
             per_task,
             {task: first.better(m) for task, m in per_task.items()},
             "sum" if "sum" in runs else plan.baseline,
@@ -233,7 +234,7 @@ def summarize(
         "warnings": warnings,
         "delta_m": delta,
         "runs": runs,
-        "single_task_runs": {e.loss: single_task[e.name] for e in plan.single_task_entries},
+        "single_task_runs": single_task_runs,
     }
 
 
