@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._config import ConductorConfig
 from ._distributed import distributed, mean_over_ranks_, summed_over_ranks
 from ._model_io import autocast, call_model, frozen_batchnorm
+from ._noise import MicroBatchNoise
 
 if TYPE_CHECKING:
     from ._resolve import Resolved
@@ -41,6 +43,9 @@ class Gradients:
     the Gram matrix of the step's representation gradients (None on a step between full ones,
     which computes no per-loss gradient), and ``decided`` the merge weights (mean over the
     micro-batches) with the resolution's statistics summed over them.
+
+    ``noise`` (when the config measures it): the step's per-micro-batch Gram matrices, over all
+    ranks, from which its signal and noise are estimated.
     """
 
     stack: torch.Tensor
@@ -50,6 +55,7 @@ class Gradients:
     merged: torch.Tensor | None = None
     merged_sq: float = math.nan
     decided: Resolved | None = None
+    noise: MicroBatchNoise | None = None
 
     @property
     def full(self) -> bool:
@@ -139,6 +145,11 @@ class Accumulator:
         )
         # Seconds of one micro-batch's per-loss backward each way, when "benchmark" timed them.
         self.backward_timings: dict[str, float] | None = None
+        # This step's per-micro-batch K×K Gram matrices (as accumulated: scaled, λ/N units), kept
+        # when the config measures the noise; after synchronisation those of every rank.
+        self.measures_noise = config.measures_noise
+        self._micro_grams: list[torch.Tensor] = []
+        self._all_micro_grams: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -164,6 +175,7 @@ class Accumulator:
         and read what resolution needs from the device (:meth:`summarize`)."""
         self._fresh = [True] * len(self.loss_names)  # no zeroing pass: first writes copy
         self._loss_sums.zero_()
+        self._micro_grams = []
         with frozen_batchnorm(self.module, self.config.freeze_bn):
             for i in range(self.config.accumulation_steps):
                 self._micro_batch(data_provider, i)
@@ -174,14 +186,19 @@ class Accumulator:
         """Unscale the stack (GradScaler) and read its Gram matrix, the loss means and the dots
         with last step's gradients in one transfer: the one host-device sync of the step."""
         acc, prev, k = self.stack, self.prev_stack, len(self.loss_names)
+        micro = self._all_micro_grams if self.measures_noise else None
         if self.scaler is not None and self.scaler.is_enabled():
-            acc.mul_(self.scaler.scale(torch.ones((), device=self.device)).reciprocal())
+            inverse = self.scaler.scale(torch.ones((), device=self.device)).reciprocal()
+            acc.mul_(inverse)
+            micro = None if micro is None else micro * inverse.square()
         # Dot products rather than a K×P @ P×K GEMM or a batched GEMV: with P in the tens of
         # millions those pick slow reduction kernels (measured: ~19 ms for P = 25M on an H100),
         # while each dot is one bandwidth-bound pass.
         parts = [gram_of(acc).flatten(), self._loss_sums]
         if self.has_prev:
             parts.append(torch.stack([torch.dot(acc[i], prev[i]) for i in range(k)]).float())
+        if micro is not None:
+            parts.append(micro.flatten().float())
         host = self._over_ranks(torch.cat(parts)).to("cpu", torch.float64)  # sync
         gram = host[: k * k].reshape(k, k)
         means = (host[k * k : k * k + k] / self.config.accumulation_steps).tolist()
@@ -189,11 +206,37 @@ class Accumulator:
         if self.has_prev:
             norms = [math.sqrt(max(x, 0.0)) for x in gram.diagonal().tolist()]
             eps = self.config.eps
+            dots = host[k * k + k : k * k + 2 * k].tolist()
             prev_cosines = [
                 d / (n * pn) if n * pn > eps else 0.0
-                for d, n, pn in zip(host[k * k + k :].tolist(), norms, self.prev_norms, strict=True)
+                for d, n, pn in zip(dots, norms, self.prev_norms, strict=True)
             ]
-        return Gradients(acc, gram, means, prev_cosines)
+        noise = None
+        if micro is not None:
+            tail = host[host.numel() - micro.numel() :].reshape(micro.shape)
+            noise = self._noise_of(tail)
+        return Gradients(acc, gram, means, prev_cosines, noise=noise)
+
+    def _noise_of(self, micro_grams: torch.Tensor) -> MicroBatchNoise:
+        """The step's noise from its per-micro-batch Gram matrices as accumulated (each gradient
+        carries λ/N): scaled by N² to the units of a micro-batch's own gradient."""
+        n = self.config.accumulation_steps
+        return MicroBatchNoise(micro_grams * (n * n), unit=self._noise_unit())
+
+    def _noise_unit(self) -> int:
+        """Micro-batches of one rank per sample of the noise estimate: here, one."""
+        return 1
+
+    def _note_micro_gram(self, grads: Iterable[torch.Tensor | None]) -> None:
+        """Keep one micro-batch's K×K Gram matrix from its batched (K, *shape) per-parameter
+        gradients (None: a parameter no loss reached): one K×numel product per parameter."""
+        k = len(self.loss_names)
+        gram = torch.zeros(k, k, dtype=torch.float32, device=self.device)
+        for g in grads:
+            if g is not None:
+                flat = g.reshape(k, -1).float()
+                gram += flat @ flat.T
+        self._micro_grams.append(gram)
 
     def accumulate_merged(self, data_provider: DataProvider, weights: torch.Tensor) -> Gradients:
         """A step between full ones (``resolve_every`` > 1): one backward per micro-batch of
@@ -212,7 +255,7 @@ class Accumulator:
     def summarize_merged(self, decided: Any) -> Gradients:
         """Unscale the merged row, average it over the DDP ranks when ``ddp_sync="grads"``, and
         read its squared norm and the loss means in one transfer; ``decided`` (representation
-        mode) goes along."""
+        mode: the step's Gram matrix, its decisions and its noise) goes along."""
         row = self.stack[0]
         if self.scaler is not None and self.scaler.is_enabled():
             row.mul_(self.scaler.scale(torch.ones((), device=self.device)).reciprocal())
@@ -222,9 +265,8 @@ class Accumulator:
         square = torch.dot(row, row).float().reshape(1)
         host = torch.cat([self._loss_sums, square]).to("cpu", torch.float64).tolist()  # sync
         means = [x / self.config.accumulation_steps for x in host[:-1]]
-        gram = None if decided is None else decided[0]
-        resolved = None if decided is None else decided[1]
-        return Gradients(row[None], gram, means, None, row, host[-1], resolved)
+        gram, resolved, noise = (None, None, None) if decided is None else decided
+        return Gradients(row[None], gram, means, None, row, host[-1], resolved, noise)
 
     def _merged_micro_batch(self, data_provider: DataProvider, merge: torch.Tensor) -> None:
         x, target = self._batch(data_provider)
@@ -279,10 +321,24 @@ class Accumulator:
 
     def _synchronise(self) -> None:
         """Under DDP with ``ddp_sync="grads"``: one flat collective for all K accumulators, and
-        a K-sized one for the loss sums."""
+        a small one for the loss sums and (when the noise is measured) every rank's
+        per-micro-batch Gram matrices, each rank writing its own slots of a zero buffer."""
+        micro = torch.stack(self._micro_grams) if self.measures_noise else None
         if self.config.ddp_sync == "grads" and distributed(self.group):
             mean_over_ranks_(self.stack, self.group)
-            mean_over_ranks_(self._loss_sums, self.group)
+            world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+            k = len(self.loss_names)
+            small = [self._loss_sums / world]
+            if micro is not None:
+                slots = micro.new_zeros(world, *micro.shape)
+                slots[rank] = micro
+                small.append(slots.flatten())
+            summed = torch.cat(small)
+            dist.all_reduce(summed, group=self.group)
+            self._loss_sums.copy_(summed[:k])
+            if micro is not None:
+                micro = summed[k:].reshape(-1, k, k)
+        self._all_micro_grams = micro
 
     def _over_ranks(self, summary: torch.Tensor) -> torch.Tensor:
         """The step's summary (Gram matrix, loss sums, dots with last step) as every rank must
@@ -321,7 +377,10 @@ class Accumulator:
         if served is not None:
             self._add_row(served, self._grads(weighted[served]))
         elif k == 1:
-            self._add_row(0, self._grads(weighted[0]))
+            grads = self._grads(weighted[0])
+            if self.measures_noise:
+                self._note_micro_gram([None if g is None else g[None] for g in grads])
+            self._add_row(0, grads)
         else:
             self._backward_full(weighted)
 
@@ -373,11 +432,20 @@ class Accumulator:
     def _backward_sequential(
         self, weighted: torch.Tensor, retain: bool, accumulate: bool = True
     ) -> None:
-        """K backwards over the retained graph (``accumulate=False`` only times them)."""
+        """K backwards over the retained graph (``accumulate=False`` only times them). When the
+        noise is measured, the micro-batch's K gradients are held until its Gram matrix is taken
+        (a transient K×P, as the batched backward holds)."""
         last = len(self.loss_names) - 1
+        held = []
         for k in range(len(self.loss_names)):
             grads = self._grads(weighted[k], retain=retain or k < last)
-            if accumulate:
+            if accumulate and self.measures_noise:
+                held.append(grads)
+            elif accumulate:
+                self._add_row(k, grads)
+        if held:
+            self._note_micro_gram(_stacked(held))
+            for k, grads in enumerate(held):
                 self._add_row(k, grads)
 
     def _choose_backward(self, weighted: torch.Tensor) -> None:
@@ -422,6 +490,8 @@ class Accumulator:
 
     def _add_batched(self, grads: tuple[torch.Tensor | None, ...]) -> None:
         """Accumulate batched (K, *shape) gradients, row k into loss k's accumulator."""
+        if self.measures_noise:
+            self._note_micro_gram(grads)
         for k in range(len(self.loss_names)):
             self._add_row(k, [None if g is None else g[k] for g in grads])
 
@@ -462,6 +532,17 @@ def _foreach_into(pairs: list[tuple[torch.Tensor, torch.Tensor]], copy: bool) ->
                 torch._foreach_copy_(dst, src)
             else:
                 torch._foreach_add_(dst, src)
+
+
+def _stacked(rows: list[tuple[torch.Tensor | None, ...]]) -> Iterator[torch.Tensor | None]:
+    """K per-loss gradient tuples as one (K, *shape) tensor per parameter, one parameter at a
+    time (None where no loss reached it, zeros where some did not)."""
+    for per_loss in zip(*rows, strict=True):
+        reached = next((g for g in per_loss if g is not None), None)
+        if reached is None:
+            yield None
+        else:
+            yield torch.stack([torch.zeros_like(reached) if g is None else g for g in per_loss])
 
 
 def gram_of(stack: torch.Tensor) -> torch.Tensor:

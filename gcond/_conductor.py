@@ -35,6 +35,10 @@ _RESOLUTION_STATS = (
     "wins/",
     "dominance",
     "raw_norm/",
+    "signal_cos/",
+    "noise_share/",
+    "noise_scale/",
+    "harm_z/",
 )
 
 
@@ -201,7 +205,7 @@ class GradientConductor:
             decided = gradients.decided
             if isinstance(self.resolver, ConflictResolver):
                 wins = [decided.stats.get(f"wins/{n}", 0.0) for n in self.loss_names]
-                self.resolver.settle(gradients.norms, wins)
+                self.resolver.settle(gradients.norms, wins, gradients.noise)
             stats.update(decided.stats)
             for name, ema in zip(self.loss_names, self._norm_emas(), strict=True):
                 stats[f"norm_ema/{name}"] = math.nan if ema is None else float(ema)
@@ -338,6 +342,9 @@ class GradientConductor:
         )
         for name, b in zip(names, bad, strict=True):
             stats[f"nonfinite/{name}"] = float(b)
+        if self.config.measures_noise:
+            for key in self._noise_keys():
+                stats[key] = nan
         stats["skipped"] = float(any(bad))
         stats["step"] = float(self.updater.steps)
         if len(names) == 1:
@@ -358,6 +365,45 @@ class GradientConductor:
         stats["min_cosine_sim"] = min(values) if values else 1.0
         for name, n in zip(names, norms, strict=True):
             stats[f"raw_norm/{name}"] = n
+        if gradients.noise is not None:
+            stats.update(self._noise_stats(gradients))
+        return stats
+
+    def _noise_keys(self) -> list[str]:
+        """The signal and noise statistics' keys; at the representation only ``harm_z/``: its
+        micro-batches' gradients share no space, so they have no mean to debias."""
+        names = self.loss_names
+        keys = [f"harm_z/{n}" for n in names]
+        if self.config.gradients_at == "parameters":
+            keys += [f"signal_cos/{names[i]}_vs_{names[j]}" for i, j in _pairs(len(names))]
+            keys += [f"noise_share/{n}" for n in names] + [f"noise_scale/{n}" for n in names]
+        return keys
+
+    def _noise_stats(self, gradients: Gradients) -> dict[str, float]:
+        """``harm_z/``: the plain sum's harm on each loss in standard errors; with the
+        parameters' gradients also the debiased cosines, each loss's noise share and noise
+        scale (docs/algorithm.md, "Signal and noise")."""
+        noise, names = gradients.noise, self.loss_names
+        assert noise is not None
+        plain = torch.ones(len(names), dtype=torch.float64)
+        if self.config.gradients_at == "representation":
+            return {f"harm_z/{n}": z for n, z in zip(names, noise.harm_scores(plain), strict=True)}
+        gram = gradients.gram
+        stats = {
+            f"harm_z/{n}": z for n, z in zip(names, noise.harm_scores(plain, gram), strict=True)
+        }
+        signal = noise.debiased(gram)
+        diag = signal.diagonal().tolist()
+        for i, j in _pairs(len(names)):
+            key = f"signal_cos/{names[i]}_vs_{names[j]}"
+            if diag[i] > 0 and diag[j] > 0:
+                stats[key] = max(-1.0, min(1.0, float(signal[i, j]) / math.sqrt(diag[i] * diag[j])))
+            else:
+                stats[key] = math.nan
+        for name, share in zip(names, noise.noise_shares(gram), strict=True):
+            stats[f"noise_share/{name}"] = share
+        for name, scale in zip(names, noise.noise_scales(gram), strict=True):
+            stats[f"noise_scale/{name}"] = scale
         return stats
 
 

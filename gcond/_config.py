@@ -60,8 +60,15 @@ class ConductorConfig:
       non-decreasing.
     * ``projection_max_iters``: most resolution iterations per step; ``None`` = 2·K.
     * ``conflicts``: which conflicts are resolved: ``"all"`` (default: every pair whose cosine
-      is below ``weak``) or ``"harmful"`` (only while the merge of the current gradients would
-      increase some loss to first order; a conflict that the plain sum survives is left alone).
+      is below ``weak``), ``"harmful"`` (only while the merge of the current gradients would
+      increase some loss to first order; a conflict that the plain sum survives is left alone)
+      or ``"significant"`` (only while that harm, estimated without the micro-batch noise,
+      exceeds ``significance`` of its standard errors; needs ``accumulation_steps`` ≥ 2).
+    * ``significance``: for ``conflicts="significant"``, how many standard errors a harm must
+      exceed, ≥ 0.
+    * ``noise_statistics``: measure each step's signal and noise from its micro-batches
+      (``signal_cos/``, ``noise_share/``, ``noise_scale/``, ``harm_z/``); on by itself with
+      ``conflicts="significant"``; needs ``accumulation_steps`` ≥ 2 and full accumulation.
     * ``dominance_window``: a loss that won the last this-many arbitrations wins the next one
       outright; 0 turns the rule off.
     * ``dominance_rule``: ``"bounded"`` (default: a streak earns at most ``dominance_window``
@@ -108,7 +115,9 @@ class ConductorConfig:
     resolution: Literal["zones", "smooth"] = "zones"
     conflict_thresholds: tuple[float, float, float] = (-0.8, -0.5, 0.0)
     projection_max_iters: int | None = None
-    conflicts: Literal["all", "harmful"] = "all"
+    conflicts: Literal["all", "harmful", "significant"] = "all"
+    significance: float = 2.0
+    noise_statistics: bool = False
     dominance_window: int = 3
     dominance_rule: Literal["bounded", "sticky"] = "bounded"
     tie_breaking_weights: tuple[float, float] = (0.8, 0.2)
@@ -139,6 +148,7 @@ class ConductorConfig:
         for name in ("conflict_thresholds", "tie_breaking_weights"):
             object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
         for name in (
+            "significance",
             "norm_ema_beta",
             "norm_equalization_beta",
             "momentum_beta",
@@ -178,6 +188,7 @@ class ConductorConfig:
             yield from _choice(self, name, _choices(name))
         yield from _reals(self, "conflict_thresholds", 3, low=-1.0, high=1.0)
         yield from _int(self, "projection_max_iters", low=0, allow_none=True)
+        yield from _real(self, "significance", low=0.0)
         yield from _int(self, "dominance_window", low=0)
         yield from _reals(self, "tie_breaking_weights", 2, low=0.0)
         yield from _real(self, "norm_ema_beta", low=0.0, high=1.0, high_open=True)
@@ -189,7 +200,7 @@ class ConductorConfig:
         yield from _real(self, "remap_power", low=0.0, low_open=True)
         yield from _real(self, "eps", low=0.0, low_open=True)
         yield from _int(self, "resolve_every", low=1)
-        for name in ("use_lion", "return_raw_grad", "freeze_bn"):
+        for name in ("use_lion", "return_raw_grad", "freeze_bn", "noise_statistics"):
             if not isinstance(getattr(self, name), bool):
                 yield ConfigProblem((name,), getattr(self, name), "a bool", wrong_type=True)
         yield from self._rules()
@@ -218,6 +229,36 @@ class ConductorConfig:
                 self.accumulation,
                 "'full' with gradients_at='representation' (its per-loss gradients are already "
                 "cheap: K backwards through the heads, one through the trunk)",
+            )
+        yield from self._noise_rules()
+
+    @property
+    def measures_noise(self) -> bool:
+        """Whether each step measures its signal and noise (``noise_statistics``, or
+        ``conflicts="significant"``, which decides on them)."""
+        return self.noise_statistics is True or self.conflicts == "significant"
+
+    def _noise_rules(self) -> Iterator[ConfigProblem]:
+        if not self.measures_noise:
+            return
+        what = (
+            "conflicts='significant', which tells a conflict from noise by the spread of the "
+            "step's micro-batches,"
+            if self.conflicts == "significant"
+            else "noise_statistics=True, which measures the spread of the step's micro-batches,"
+        )
+        if isinstance(self.accumulation_steps, int) and self.accumulation_steps < 2:
+            yield ConfigProblem(
+                ("accumulation_steps",),
+                self.accumulation_steps,
+                f"at least 2 with {what} and one micro-batch has none: set accumulation_steps "
+                "to 2 or more (the same samples per step in smaller micro-batches)",
+            )
+        if self.accumulation == "stochastic":
+            yield ConfigProblem(
+                ("accumulation",),
+                self.accumulation,
+                f"'full' with {what} and a stochastic micro-batch serves one loss only",
             )
 
     def problems_with_losses(self, num_losses: int) -> Iterator[ConfigProblem]:

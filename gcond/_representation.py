@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ._accumulate import Accumulator, DataProvider, Gradients
 from ._distributed import distributed
 from ._model_io import autocast, call_model, frozen_batchnorm
+from ._noise import MicroBatchNoise
 
 Decide = Callable[[torch.Tensor], Any]
 """One micro-batch's K×K Gram matrix (float64, host) -> a ``Resolved`` (merge weights)."""
@@ -69,6 +70,7 @@ class RepresentationAccumulator(Accumulator):
         self._gram_sum = torch.zeros(k, k, dtype=torch.float64)
         self._weight_sum = torch.zeros(k, dtype=torch.float64)
         self._counts: dict[str, float] = {}
+        self._micro_grams = []
         with frozen_batchnorm(self.module, self.config.freeze_bn):
             for _ in range(self.config.accumulation_steps):
                 self._micro_batch_at_representation(data_provider)
@@ -104,6 +106,8 @@ class RepresentationAccumulator(Accumulator):
             gram = gram * inverse.double().square()
         gram = gram.cpu()  # a host-device sync per micro-batch: the weights come before the trunk
         self._gram_sum += gram
+        if self.measures_noise:
+            self._micro_grams.append(gram)
         n = self.config.accumulation_steps
         if torch.isfinite(gram).all():
             resolved = self.decide(gram * (n * n))
@@ -151,37 +155,49 @@ class RepresentationAccumulator(Accumulator):
             rows.append(torch.zeros_like(cut) if grad is None else grad)
         return torch.stack(rows)
 
-    def _step_decisions(self) -> tuple[torch.Tensor, Any]:
+    def _step_decisions(self) -> tuple[torch.Tensor, Any, MicroBatchNoise | None]:
         """The step's Gram matrix (the sum of its micro-batches': the Gram matrix of the step's
-        stacked representation gradients), the mean merge weights and the summed statistics,
-        the same on every rank under ``ddp_sync="grads"`` (one small all-reduce)."""
+        stacked representation gradients), the mean merge weights, the summed statistics and
+        (when measured) the noise of the micro-batches' representation gradients, the same on
+        every rank under ``ddp_sync="grads"`` (one small all-reduce, in which each rank writes
+        its per-micro-batch Gram matrices into its own slots)."""
         from ._resolve import Resolved
 
         k, keys = len(self.loss_names), list(self._counts)
-        host = torch.cat(
-            [
-                self._gram_sum.flatten(),
-                self._weight_sum,
-                torch.tensor([self._counts[key] for key in keys], dtype=torch.float64),
-            ]
-        )
+        micro = torch.stack(self._micro_grams) if self.measures_noise else None
+        parts = [
+            self._gram_sum.flatten(),
+            self._weight_sum,
+            torch.tensor([self._counts[key] for key in keys], dtype=torch.float64),
+        ]
         count = self.config.accumulation_steps
+        world = 1
         if self.config.ddp_sync == "grads" and distributed(self.group):
-            world = dist.get_world_size(self.group)
+            world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+            if micro is not None:
+                slots = micro.new_zeros(world, *micro.shape)
+                slots[rank] = micro
+                parts.append(slots.flatten())
             # Per rank each g_k carries 1/N, over the ranks 1/(N·world): the Gram matrix of the
             # stacked gradients is summed, scaled by 1/world² (one process that saw every
             # micro-batch gets the same numbers).
-            summary = host.to(self.device)
+            summary = torch.cat(parts).to(self.device)
             summary[: k * k] /= world * world
             dist.all_reduce(summary, group=self.group)
             host, count = summary.cpu(), count * world
+        else:
+            host = torch.cat(parts if micro is None else [*parts, micro.flatten()])
         gram = host[: k * k].reshape(k, k)
         weights = host[k * k : k * k + k] / count
-        stats = dict(zip(keys, host[k * k + k :].tolist(), strict=True))
+        stats = dict(zip(keys, host[k * k + k : k * k + k + len(keys)].tolist(), strict=True))
         for key in stats:  # counts are summed over the micro-batches, factors averaged
             if key.startswith("norm_scale/"):
                 stats[key] /= count
-        return gram, Resolved(weights, stats)
+        noise = None
+        if micro is not None:
+            tail = host[k * k + k + len(keys) :].reshape(count, k, k)
+            noise = self._noise_of(tail)
+        return gram, Resolved(weights, stats), noise
 
     # ------------------------------------------------------------------ steps between full ones
 

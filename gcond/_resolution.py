@@ -14,8 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ._noise import MicroBatchNoise
 
 ZONES = ("weak", "main", "critical")
 
@@ -43,6 +47,8 @@ class Resolution:
     budget_exhausted: bool = False
     # conflicts="harmful": a conflict below weak was left alone (the plain merge harmed no loss).
     harmless: bool = False
+    # conflicts="significant": a conflict below weak was left alone (no harm beyond the noise).
+    insignificant: bool = False
 
     @property
     def merge_weights(self) -> torch.Tensor:
@@ -117,16 +123,22 @@ def resolve_gram(
     eps: float = 1e-8,
     scale: torch.Tensor | None = None,
     conflicts: str = "all",
+    noise: MicroBatchNoise | None = None,
+    significance: float = 2.0,
 ) -> Resolution:
     """Decide the resolution of K gradients from their Gram matrix (docs/algorithm.md, step 5).
 
     ``gram`` is K×K; ``scale`` (K) pre-scales each gradient (the norm cap). ``arbitrate`` picks
     winners; the default lets the larger gradient win, ties to the lower index. ``conflicts``:
     ``"all"`` resolves every pair below ``weak``; ``"harmful"`` stops as soon as the merge of the
-    current gradients is a descent direction for every loss (see :func:`harms_a_loss`).
+    current gradients is a descent direction for every loss (see :func:`harms_a_loss`);
+    ``"significant"`` stops as soon as no loss's harm exceeds ``significance`` standard errors
+    of the micro-batch ``noise`` (a :class:`~gcond._noise.MicroBatchNoise` of the step whose Gram
+    matrix ``gram`` is; None: nothing is significant). The projections themselves always act on
+    ``gram``, the Gram matrix of the gradients that are merged.
     """
-    if conflicts not in ("all", "harmful"):
-        raise ValueError(f"conflicts must be 'all' or 'harmful', got {conflicts!r}")
+    if conflicts not in ("all", "harmful", "significant"):
+        raise ValueError(f"conflicts must be 'all', 'harmful' or 'significant', got {conflicts!r}")
     gram0 = gram.detach().to("cpu", torch.float64)
     k = gram0.shape[0]
     t = torch.eye(k, dtype=torch.float64)
@@ -150,6 +162,11 @@ def resolve_gram(
             break
         if conflicts == "harmful" and not harms_a_loss(gram0, t.sum(dim=0)):
             result.harmless = result.iterations == 0
+            break
+        if conflicts == "significant" and (
+            noise is None or not noise.harms_significantly(t.sum(dim=0), significance, gram0)
+        ):
+            result.insignificant = result.iterations == 0
             break
         result.zone_counts[zone] += 1
         result.iterations += 1

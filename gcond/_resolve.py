@@ -19,6 +19,7 @@ import torch
 from ._accumulate import Gradients
 from ._arbitrator import Arbitrator
 from ._config import ConductorConfig
+from ._noise import MicroBatchNoise
 from ._resolution import ZONES, resolve_gram
 
 
@@ -120,6 +121,7 @@ def _pre_scales(
 
 
 _EQUALIZER_KEY = "norm_equalizer"
+_SIGNIFICANT_KEY = "significant_last_step"
 
 
 class ConflictResolver:
@@ -129,7 +131,9 @@ class ConflictResolver:
     :class:`ConductorConfig`) the resolution fields act here. Statistics: ``proj_iters``,
     ``conflicts/<zone>``, ``wins/<loss>``, ``dominance``, ``norm_ema/<loss>``, with
     ``norm_equalization`` ``norm_scale/<loss>`` (the equalisation factor applied) and with
-    ``conflicts="harmful"`` ``conflicts/harmless`` (1 when a conflict was left alone)."""
+    ``conflicts="harmful"`` ``conflicts/harmless`` (1 when a conflict was left alone), with
+    ``conflicts="significant"`` ``conflicts/noise`` (1 when a conflict was left alone because
+    no harm exceeded its noise)."""
 
     def __init__(self, loss_names: Sequence[str], config: ConductorConfig) -> None:
         self.loss_names = list(loss_names)
@@ -140,6 +144,9 @@ class ConflictResolver:
             config.norm_equalization_beta,
             config.eps,
         )
+        # conflicts="significant" in representation mode: whether the last full step's plain
+        # merge harmed some loss beyond its noise, which opens this step's resolution.
+        self.significant_last_step = False
         self.arbitrator = Arbitrator(
             len(self.loss_names),
             dominance_window=config.dominance_window,
@@ -154,7 +161,9 @@ class ConflictResolver:
         # Scores are set once per step, from the raw gradients (before cap and projections).
         self.arbitrator.observe(norms, gradients.prev_cosines)
         equalized = None if self.equalizer is None else self.equalizer.scales(norms)
-        resolved = self._resolve(gradients.gram, norms, self.arbitrator.pick, equalized)
+        resolved = self._resolve(
+            gradients.gram, norms, self.arbitrator.pick, equalized, gradients.noise
+        )
         for name, n, ema in zip(self.loss_names, norms, self.arbitrator.norm_ema, strict=True):
             resolved.stats[f"norm_ema/{name}"] = float(ema if ema is not None else n)
         return resolved
@@ -165,16 +174,28 @@ class ConflictResolver:
         recorded, so every DDP rank decides its micro-batches from the same state; :meth:`settle`
         updates it once a step. Strength is each norm against its EMA; stability is 0 (the
         representation gradients of two steps are of different samples: no cosine between
-        them)."""
+        them). With ``conflicts="significant"`` a micro-batch is resolved (as with ``"all"``) only
+        when the last full step's plain merge harmed some loss beyond its noise
+        (:meth:`settle`): one micro-batch has no spread of its own to judge by."""
         norms = [math.sqrt(max(x, 0.0)) for x in gram.diagonal().tolist()]
         strength = self.arbitrator.strengths(norms)
         stability = [0.0] * len(norms)
         equalized = None if self.equalizer is None else self.equalizer.factors(norms)
+        conflicts = self.config.conflicts
+        if conflicts == "significant" and self.significant_last_step:
+            conflicts = "all"
         return self._resolve(
-            gram, norms, lambda i, j: self.arbitrator.decide(i, j, strength, stability), equalized
+            gram,
+            norms,
+            lambda i, j: self.arbitrator.decide(i, j, strength, stability),
+            equalized,
+            None,
+            conflicts,
         )
 
-    def settle(self, norms: Sequence[float], wins: Sequence[float]) -> None:
+    def settle(
+        self, norms: Sequence[float], wins: Sequence[float], noise: MicroBatchNoise | None = None
+    ) -> None:
         """End of a representation-mode step: the norm EMAs (the arbitrator's and the norm
         equaliser's) take the step's norms, and the loss that won the most of the step's
         arbitrations (the lower index on a tie) joins the winner history, once; nothing joins it
@@ -185,6 +206,9 @@ class ConflictResolver:
         if max(wins, default=0.0) > 0:
             top = max(range(len(wins)), key=lambda k: (wins[k], -k))
             self.arbitrator.record(top, self.arbitrator.dominant() == top)
+        if self.config.conflicts == "significant" and noise is not None:
+            plain = torch.ones(len(norms), dtype=torch.float64)
+            self.significant_last_step = noise.harms_significantly(plain, self.config.significance)
 
     def _resolve(
         self,
@@ -192,8 +216,11 @@ class ConflictResolver:
         norms: list[float],
         pick: Callable[[int, int], tuple[int, bool]],
         equalized: torch.Tensor | None,
+        noise: MicroBatchNoise | None = None,
+        conflicts: str | None = None,
     ) -> Resolved:
         cfg, names = self.config, self.loss_names
+        conflicts = cfg.conflicts if conflicts is None else conflicts
         scale = _pre_scales(norms, equalized, cfg.norm_cap)
         wins = dict.fromkeys(names, 0)
         dominance = 0
@@ -214,13 +241,17 @@ class ConflictResolver:
             remap_power=cfg.remap_power,
             eps=cfg.eps,
             scale=scale,
-            conflicts=cfg.conflicts,
+            conflicts=conflicts,
+            noise=noise,
+            significance=cfg.significance,
         )
         stats = {"proj_iters": float(res.iterations)}
         for zone in ZONES:
             stats[f"conflicts/{zone}"] = float(res.zone_counts[zone])
         if cfg.conflicts == "harmful":
             stats["conflicts/harmless"] = float(res.harmless)
+        if cfg.conflicts == "significant":
+            stats["conflicts/noise"] = float(res.insignificant)
         for name in names:
             stats[f"wins/{name}"] = float(wins[name])
         stats["dominance"] = float(dominance)
@@ -231,11 +262,14 @@ class ConflictResolver:
         state: dict[str, Any] = {"arbitrator": self.arbitrator.state_dict()}
         if self.equalizer is not None:
             state[_EQUALIZER_KEY] = self.equalizer.state_dict()
+        if self.config.conflicts == "significant":
+            state[_SIGNIFICANT_KEY] = self.significant_last_step
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.arbitrator.load_state_dict(state["arbitrator"])
         _load_equalizer(self.equalizer, state)
+        self.significant_last_step = bool(state.get(_SIGNIFICANT_KEY, False))
 
     def norm_emas(self) -> list[float | None]:
         return list(self.arbitrator.norm_ema)

@@ -105,10 +105,18 @@ class ShardedAccumulator(Accumulator):
     _local = staticmethod(_local)
 
     def _synchronise(self) -> None:
-        """Nothing: each row is already this rank's shard of the loss's mean gradient."""
+        """Nothing to send: each row is already this rank's shard of the loss's mean gradient,
+        and the per-micro-batch Gram matrices are partial sums, added up with the summary."""
+        self._all_micro_grams = torch.stack(self._micro_grams) if self.measures_noise else None
+
+    def _noise_unit(self) -> int:
+        """FSDP's micro-batch gradient is already the mean over the ranks: one sample of the
+        noise is ``world`` micro-batches of one rank."""
+        return self._world
 
     def _over_ranks(self, summary: torch.Tensor) -> torch.Tensor:
-        """Sum the local partial dot products over the ranks, and average the loss sums."""
+        """Sum the local partial dot products over the ranks (the Gram matrix, the dots with
+        last step's gradients, the per-micro-batch Gram matrices), and average the loss sums."""
         k = len(self.loss_names)
         summary[k * k : k * k + k] /= self._world
         dist.all_reduce(summary, group=self.group)

@@ -210,6 +210,21 @@ def scenario_representation(rank: int) -> dict[str, Any]:
     return result
 
 
+SIGNIFICANT = {"conflicts": "significant", "significance": 0.5}
+
+
+def scenario_significant(rank: int, at_representation: bool) -> dict[str, Any]:
+    """``conflicts="significant"``: every rank decides on the noise of all ranks' micro-batches."""
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    options = representation(ddp) if at_representation else {}
+    cond = conductor(ddp, "grads", **SIGNIFICANT, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    result = train(cond, model, opt, rank, range(STEPS + 1))
+    result["state"] = cond.state_dict()
+    return result
+
+
 def scenario_nan_on_one_rank(rank: int, ddp_sync: str) -> dict[str, Any]:
     """Rank 1's ``fit`` loss is NaN at step 1: every rank must skip that step together."""
     current = {"step": -1}
@@ -274,6 +289,8 @@ def run(rank: int, out_dir: str) -> None:
             "nan_update": scenario_nan_on_one_rank(rank, "update"),
             "benchmark": scenario_benchmark(rank),
             "representation": scenario_representation(rank),
+            "significant": scenario_significant(rank, at_representation=False),
+            "significant_representation": scenario_significant(rank, at_representation=True),
         }
         torch.save(results, out / f"rank{rank}.pt")
     finally:

@@ -33,8 +33,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "smooth_trust": {"resolution": "smooth", "momentum_beta": 0.5, "trust_ratio_coef": 0.1},
     "lion_cap": {"momentum_beta": 0.5, "use_lion": True, "norm_cap": 0.5},
     "stochastic": {"accumulation": "stochastic", "momentum_beta": 0.5},
-    "nan": {"momentum_beta": 0.5},
+    "nan": {"momentum_beta": 0.5, "noise_statistics": True},
     "scaler": {"momentum_beta": 0.5, "scaler": True},  # a GradScaler (on the CPU, in fp32)
+    "significant": {"conflicts": "significant", "significance": 0.5, "scaler": True},
 }
 RESUME_AT = 2  # the resume scenario saves after this many steps, and runs STEPS + 2 in all
 RESUME_OPTIONS = {"momentum_beta": 0.5, "trust_ratio_coef": 0.1}

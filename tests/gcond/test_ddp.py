@@ -40,11 +40,12 @@ def single_process(
     ddp_sync: str = "grads",
     accumulation_steps: int = w.MICRO_BATCHES,
     representation: bool = False,
+    **extra: Any,
 ) -> tuple[list[torch.Tensor], list[dict[str, float]]]:
     """One process, no process group: parameters and stats after each step."""
     model = w.make_model()
     options = w.representation(model) if representation else {}
-    cond = w.conductor(model, ddp_sync, accumulation_steps, **options)
+    cond = w.conductor(model, ddp_sync, accumulation_steps, **options, **extra)
     opt = torch.optim.SGD(model.parameters(), lr=w.LR)
     params, stats = [], []
     for step in range(steps):
@@ -56,7 +57,7 @@ def single_process(
 
 
 def union_reference(
-    steps: int, representation: bool = False
+    steps: int, representation: bool = False, **extra: Any
 ) -> tuple[list[torch.Tensor], list[dict[str, float]]]:
     """One process fed both ranks' micro-batches: N·world micro-batches per step."""
     return single_process(
@@ -64,6 +65,7 @@ def union_reference(
         steps,
         accumulation_steps=w.MICRO_BATCHES * w.WORLD_SIZE,
         representation=representation,
+        **extra,
     )
 
 
@@ -238,3 +240,36 @@ def test_representation_mode_equals_one_process_that_saw_every_micro_batch(ranks
     assert r0["all_reduce"][0] == [(k * k + 2 * k + 5,), (p,), (k,)]
     assert r0["all_reduce"][1] == [(p,), (k,)]
     assert r0["ddp_buckets_during_conductor"] == []
+
+
+# ---------------------------------------------------------------------------------- significance
+
+
+@pytest.mark.parametrize("name", ["significant", "significant_representation"])
+def test_significance_is_decided_on_every_rank_s_micro_batches(ranks, name):
+    """The noise is estimated from all ranks' micro-batches (their Gram matrices gathered in the
+    small collective with the loss sums): the run, its noise statistics and its decisions equal
+    one process fed the union, and every rank holds the same state."""
+    r0, r1 = ranks[0][name], ranks[1][name]
+    steps = w.STEPS + 1
+    at_representation = name.endswith("representation")
+    ref_params, ref_stats = union_reference(steps, at_representation, **w.SIGNIFICANT)
+    for step in range(steps):
+        assert torch.equal(r0["params"][step], r1["params"][step]), f"ranks differ at {step}"
+        assert_close(r0["params"][step], ref_params[step])
+        for key, value in ref_stats[step].items():
+            if value != value:
+                assert r0["stats"][step][key] != r0["stats"][step][key], key
+                continue
+            assert r0["stats"][step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+            assert r1["stats"][step][key] == r0["stats"][step][key], key
+    noise_keys = [key for key in ref_stats[0] if key.startswith("harm_z/")]
+    assert len(noise_keys) == K
+    if not at_representation:
+        # One step's plain sum harmed `flip` beyond half a standard error: resolved, the rest not.
+        assert [s["proj_iters"] > 0 for s in r0["stats"]] == [False, False, True, False]
+        assert [s["conflicts/noise"] for s in r0["stats"]] == [1.0, 1.0, 0.0, 1.0]
+        p, n = num_params(), w.MICRO_BATCHES
+        for shapes in r0["all_reduce"]:
+            assert shapes == [(K, p), (K + w.WORLD_SIZE * n * K * K,)]
+    assert _flatten(r0["state"]).keys() == _flatten(r1["state"]).keys()

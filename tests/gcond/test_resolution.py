@@ -542,8 +542,10 @@ def test_harms_a_loss_reads_the_first_order_change_of_each_loss():
     assert not harms_a_loss(stack((1, 0), (0, 0)), torch.tensor([1.0, 1.0]))  # a vanished g2
 
 
-def test_conflicts_must_be_all_or_harmful():
-    with pytest.raises(ValueError, match="conflicts must be 'all' or 'harmful', got 'some'"):
+def test_conflicts_must_be_a_known_rule():
+    with pytest.raises(
+        ValueError, match="conflicts must be 'all', 'harmful' or 'significant', got 'some'"
+    ):
         resolve_gram(stack((1, 0), (0, 1)), THRESHOLDS, conflicts="some")
 
 
