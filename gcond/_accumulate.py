@@ -235,7 +235,7 @@ class Accumulator:
         for g in grads:
             if g is not None:
                 flat = g.reshape(k, -1).float()
-                gram += flat @ flat.T
+                gram.addmm_(flat, flat.T)
         self._micro_grams.append(gram)
 
     def accumulate_merged(self, data_provider: DataProvider, weights: torch.Tensor) -> Gradients:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -38,7 +39,10 @@ class MicroBatchNoise:
     units of ``h``: each micro-batch's gradients as if it were the whole step), M ≥ 2 micro-batches
     over all ranks. ``unit``: micro-batches of one rank per sample (``world`` under FSDP, whose
     micro-batch gradients are already averaged over the ranks; 1 otherwise), so that
-    :meth:`noise_scales` counts micro-batches of one rank."""
+    :meth:`noise_scales` counts micro-batches of one rank.
+
+    The methods that take ``gram`` (the Gram matrix of the step's mean gradients) accept any;
+    the step's is remembered, so that the resolution loop asks for it again at no cost."""
 
     grams: torch.Tensor
     unit: int = 1
@@ -47,15 +51,20 @@ class MicroBatchNoise:
     def count(self) -> int:
         return int(self.grams.shape[0])
 
-    @property
+    @cached_property
     def total(self) -> torch.Tensor:
         """``Σ_n H_n`` (K×K)."""
         return self.grams.sum(dim=0)
 
     def debiased(self, gram: torch.Tensor) -> torch.Tensor:
         """The unbiased estimate of the true gradients' Gram matrix: the cross-term mean."""
+        cached = self.__dict__.get("_debiased")
+        if cached is not None and cached[0] is gram:
+            return cached[1]
         n = self.count
-        return (gram.to(torch.float64) - self.total / (n * n)) * (n / (n - 1))
+        value = (gram.to(torch.float64) - self.total / (n * n)) * (n / (n - 1))
+        self.__dict__["_debiased"] = (gram, value)
+        return value
 
     def noise_traces(self, gram: torch.Tensor) -> torch.Tensor:
         """``tr Σ_k`` (K): the variance of one micro-batch's gradient of loss k."""

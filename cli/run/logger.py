@@ -14,6 +14,7 @@ by rich's own refresh thread (4 Hz) from the latest values, never from the loop.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -311,6 +312,8 @@ class RunLogger:
             parts.append(f"min_cos {stats[MIN_COSINE]:.2f}")
         if (zones := _zones(stats)) is not None:
             parts.append(f"zones w/m/c {zones}")
+        if (harm := _lowest(stats, "harm_z/")) is not None:
+            parts.append(f"harm_z {harm:.1f}")
         if "final_grad_norm" in stats:
             parts.append(f"gnorm {_num(stats['final_grad_norm'], 3)}")
         if stats.get("skipped", 0.0) > 0:
@@ -342,6 +345,10 @@ class RunLogger:
             table.add_row("min cosine", f"{stats[MIN_COSINE]:.3f}")
         if (zones := _zones(stats)) is not None:
             table.add_row("zones w/m/c", zones)
+        for title, prefix in (("signal cos", "signal_cos/"), ("harm z", "harm_z/")):
+            values = _family(stats, prefix)
+            if values:
+                table.add_row(title, "  ".join(f"{k} {v:.2f}" for k, v in values.items()))
         wins = {k.removeprefix("wins/"): v for k, v in stats.items() if k.startswith("wins/")}
         if wins:
             table.add_row("wins", "  ".join(f"{k} {v:.0f}" for k, v in wins.items()))
@@ -381,6 +388,21 @@ def _loss_values(stats: Mapping[str, float]) -> dict[str, float]:
         for k, v in stats.items()
         if k.startswith("loss/") and k != "loss/total"
     }
+
+
+def _family(stats: Mapping[str, float], prefix: str) -> dict[str, float]:
+    """``{name: value}`` of the finite statistics under ``prefix``."""
+    return {
+        k.removeprefix(prefix): v
+        for k, v in stats.items()
+        if k.startswith(prefix) and math.isfinite(v)
+    }
+
+
+def _lowest(stats: Mapping[str, float], prefix: str) -> float | None:
+    """The lowest finite statistic under ``prefix`` (None without one)."""
+    values = _family(stats, prefix).values()
+    return min(values) if values else None
 
 
 def _zones(stats: Mapping[str, float]) -> str | None:

@@ -17,6 +17,10 @@ CHART_GROUPS = {
     "conflict zones (count per step)": r"^conflicts/.*",
     "arbitration wins": r"^wins/.*",
     "raw gradient norms": r"^raw_norm/.*",
+    "cosine without the micro-batch noise": r"^signal_cos/.*",
+    "share of each gradient that is noise": r"^noise_share/.*",
+    "gradient noise scale (micro-batches)": r"^noise_scale/.*",
+    "plain sum's harm per loss (standard errors)": r"^harm_z/.*",
 }
 
 
