@@ -14,12 +14,18 @@ JSON is given, each entry's step time × ``sum`` from ``gcond bench``.
     python docs/tables.py deltam --baselines sum,sum-log [--stage final] \\
         [--published docs/quality/qm9/published.json] [--bench ...] docs/quality/qm9/summary.json
 
+    python docs/tables.py resolution [--entries ...] docs/quality/*/significant/summary.json
+
 ``grid`` is the same data turned around: one row per entry, one column per cell (mean and the
 marks), and, with ``--bench``, the entry's step time × ``sum``.
 
 ``python docs/tables.py refresh README.md`` remakes every table of the file that follows a line
 ``<!-- tables: ARGS -->`` (ARGS as above, globs relative to the repository root); the tests check
 that each such table is what its command prints.
+
+``resolution`` shows, per setting (a summary, or a grid cell) and conductor entry, how often a
+conflict was below ``weak``, how often it was resolved, the projections per step and the share
+of steps left alone as noise (``conflicts="significant"``), means over the seeds' logged steps.
 
 ``cells`` and ``grid`` read the summaries of one grid cell (the same overrides, e.g.
 ``data.lab.direction`` and ``data.lab.scale``) as one comparison, so several comparisons of the
@@ -252,6 +258,46 @@ def deltam_table(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def resolution_table(args: argparse.Namespace) -> str:
+    """One row per setting and conductor entry: how much it resolved and what it left to noise
+    (the runs' ``conflict`` and ``resolution`` records, means over seeds)."""
+    wanted = args.entries.split(",") if args.entries else None
+    head = [
+        "setting",
+        "entry",
+        "steps with a conflict",
+        "steps resolved",
+        "projections / step",
+        "steps left to noise",
+        "conflicts judged noise",
+    ]
+    rows = []
+    for path in args.summaries:
+        summary = json.loads(path.read_text())
+        setting = f"{summary['recipe']} {_cell_name(path)}".strip()
+        setting = summary["recipe"] if _cell_name(path) == path.parent.name else setting
+        for entry, per_seed in summary["runs"].items():
+            if wanted is not None and entry not in wanted:
+                continue
+            found = [r for r in per_seed.values() if r.get("resolution") and r.get("conflict")]
+            if not found:
+                continue
+            conflict = statistics.fmean(r["conflict"]["share"] for r in found)
+            resolved = statistics.fmean(r["resolution"]["resolved_share"] for r in found)
+            iters = statistics.fmean(r["resolution"]["proj_iters"] for r in found)
+            noise = [r["resolution"].get("left_to_noise") for r in found]
+            left = statistics.fmean(noise) if None not in noise else None
+            texts = [
+                f"{conflict:.0%}",
+                f"{resolved:.0%}",
+                f"{iters:.2f}",
+                "–" if left is None else f"{left:.0%}",
+                "–" if left is None or conflict == 0 else f"{left / conflict:.0%}",
+            ]
+            rows.append(f"| {setting} | `{entry}` | " + " | ".join(texts) + " |")
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+
+
 def _cost_as(args: argparse.Namespace) -> dict[str, str]:
     """``--cost-as ENTRY=BENCH_ENTRY,...`` as a mapping."""
     return dict(pair.split("=") for pair in args.cost_as.split(",")) if args.cost_as else {}
@@ -283,7 +329,7 @@ def table(argv: list[str]) -> str:
     """The table that ``python docs/tables.py ARGV...`` prints, run from the repository root
     (globs in ARGV expanded)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("layout", choices=["entries", "cells", "grid", "deltam"])
+    parser.add_argument("layout", choices=["entries", "cells", "grid", "deltam", "resolution"])
     parser.add_argument("summaries", nargs="+", type=Path)
     parser.add_argument("--metric", help="entries, cells, grid: the final metric compared")
     parser.add_argument("--baselines", default="sum")
@@ -300,13 +346,14 @@ def table(argv: list[str]) -> str:
         help="ENTRY=BENCH_ENTRY,... an entry costs what that bench entry costs (marked *)",
     )
     args = parser.parse_args(_expanded(argv))
-    if args.layout != "deltam" and not args.metric:
+    if args.layout not in ("deltam", "resolution") and not args.metric:
         parser.error(f"{args.layout} needs --metric")
     tables = {
         "entries": entries_table,
         "cells": cells_table,
         "grid": grid_table,
         "deltam": deltam_table,
+        "resolution": resolution_table,
     }
     return tables[args.layout](args)
 

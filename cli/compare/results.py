@@ -67,6 +67,7 @@ def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
             "mean_cosine": sum(cosines) / len(cosines),
             "weak": weak,
         }
+    resolution = _resolution(train)
     ratios = [ratio for r in train if (ratio := norm_ratio(r)) is not None]
     scales = None
     if ratios:
@@ -79,9 +80,34 @@ def run_results(run_dir: Path, recipe: Recipe) -> dict[str, Any]:
         "eval_selected": {k: selected.get(k) for k in keys},
         "selected_step": selected.get("step"),
         "conflict": conflict,
+        "resolution": resolution,
         "norm_ratio": scales,
         "first_batch_sha256": read_first_batch(run_dir),
     }
+
+
+def _resolution(train: list[dict]) -> dict[str, float] | None:
+    """How much a conductor run resolved, over its logged steps: projections per step, the
+    share of steps with any, and (``conflicts="harmful"`` / ``"significant"``) the share of
+    steps whose conflict was left alone as harmless / as noise. None for a run without
+    ``proj_iters`` (sum, the peers)."""
+    iters = [r["proj_iters"] for r in train if _finite(r.get("proj_iters"))]
+    if not iters:
+        return None
+    found: dict[str, float] = {
+        "proj_iters": statistics.fmean(iters),
+        "resolved_share": sum(i > 0 for i in iters) / len(iters),
+    }
+    left_alone = (("conflicts/harmless", "left_harmless"), ("conflicts/noise", "left_to_noise"))
+    for key, name in left_alone:
+        left = [r[key] for r in train if _finite(r.get(key))]
+        if left:
+            found[name] = statistics.fmean(left)
+    return found
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _selected(evals: list[dict], recipe: Recipe) -> dict[str, Any]:

@@ -297,6 +297,8 @@ def _finish_cell(
     """Summary, plots and report of one cell (the whole comparison without a grid), printed."""
     summary = summarize(cell_dir, plan, recipes)
     summary["cell"] = label
+    # A grid cell's summary says which values made it: the comparison's overrides, then the cell's.
+    summary["overrides"] = [*plan.overrides, *dict(plan.cells).get(label, ())]
     _write_summary(cell_dir, summary)  # before the plots: a failing plot loses no result
     try:
         summary["plots"] = write_plots(cell_dir, summary)

@@ -140,3 +140,20 @@ def test_a_summary_from_before_several_baselines_still_renders(compared) -> None
     }
     report = render_report(old)
     assert "## Does it beat `sum`?" in report and "`sum-log`?" not in report
+
+
+def test_a_run_reports_how_much_it_resolved_and_what_it_left_to_noise():
+    from gcond_cli.compare.results import _resolution
+
+    train = [
+        {"proj_iters": 2.0, "conflicts/noise": 0.0},
+        {"proj_iters": 0.0, "conflicts/noise": 1.0},
+        {"proj_iters": 0.0, "conflicts/noise": 0.0},
+        {"proj_iters": 1.0, "conflicts/noise": 0.0},
+    ]
+    assert _resolution(train) == {
+        "proj_iters": 0.75,
+        "resolved_share": 0.5,
+        "left_to_noise": 0.25,
+    }
+    assert _resolution([{"loss/total": 1.0}]) is None  # sum, the peers: nothing to report

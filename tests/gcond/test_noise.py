@@ -300,3 +300,29 @@ def test_without_noise_statistics_no_key_and_no_micro_batch_gram_is_kept():
     stats = cond.step(feeding(torch.randn(4, 2, P)))
     assert not any(k.startswith(("harm_z/", "noise_", "signal_cos/")) for k in stats)
     assert cond.accumulator._micro_grams == []
+
+
+def test_a_grad_scaler_s_overflow_skips_and_the_next_step_measures_again():
+    """fp16-style loss scaling: a scale that overflows makes the gradients (and the micro-batch
+    Gram matrices) infinite; the step is skipped with NaN statistics, the scaler backs off, and
+    the next step's statistics are those of the unscaled gradients."""
+    model = Linear()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    cond = GradientConductor(
+        model, loss_fns(2), {"l0": 1.0, "l1": 1.0}, 4, conflicts="significant", scaler=scaler
+    )
+    plain = conductor(2, 4, conflicts="significant")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(0)
+    c = 100.0 * (OPPOSED[0][None] + 0.3 * torch.randn(4, 2, P, generator=gen))  # 2^127·c: inf
+    seen = []
+    for _ in range(2):
+        opt.zero_grad()
+        seen.append(cond.step(feeding(c)))
+        scaler.step(opt)
+        scaler.update()
+    assert seen[0]["skipped"] == 1.0 and math.isnan(seen[0]["harm_z/l0"])
+    assert seen[1]["skipped"] == 0.0
+    reference = plain.step(feeding(c))
+    for key in ("harm_z/l0", "harm_z/l1", "noise_scale/l0", "signal_cos/l0_vs_l1"):
+        assert seen[1][key] == pytest.approx(reference[key], rel=1e-4), key
