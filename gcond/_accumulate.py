@@ -7,6 +7,7 @@ swap roles each step: this step's gradients become the next step's previous ones
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +20,14 @@ from torch import nn
 
 from ._config import ConductorConfig
 from ._distributed import distributed, mean_over_ranks_, summed_over_ranks
-from ._model_io import autocast, call_model, frozen_batchnorm
+from ._model_io import (
+    REENTRANT_MESSAGE,
+    autocast,
+    call_model,
+    frozen_batchnorm,
+    is_reentrant_checkpoint_error,
+    reentrant_checkpoint_check,
+)
 from ._noise import MicroBatchNoise
 
 if TYPE_CHECKING:
@@ -150,6 +158,7 @@ class Accumulator:
         self.measures_noise = config.measures_noise
         self._micro_grams: list[torch.Tensor] = []
         self._all_micro_grams: torch.Tensor | None = None
+        self._forward_checked = False  # the first forward is watched for reentrant checkpoints
 
     # ------------------------------------------------------------------ public
 
@@ -176,7 +185,7 @@ class Accumulator:
         self._fresh = [True] * len(self.loss_names)  # no zeroing pass: first writes copy
         self._loss_sums.zero_()
         self._micro_grams = []
-        with frozen_batchnorm(self.module, self.config.freeze_bn):
+        with frozen_batchnorm(self.module, self.config.freeze_bn), refusing_reentrant():
             for i in range(self.config.accumulation_steps):
                 self._micro_batch(data_provider, i)
         self._synchronise()
@@ -363,7 +372,7 @@ class Accumulator:
         # Stochastic mode differentiates only the loss this micro-batch serves; the others are
         # computed for the statistics alone, without recording a graph.
         served = index % k if self.config.accumulation == "stochastic" else None
-        with autocast(self.device, self.autocast_dtype):
+        with autocast(self.device, self.autocast_dtype), self._watched_forward():
             output = call_model(self.module, x)
             losses = []
             for j, name in enumerate(self.loss_names):
@@ -383,6 +392,11 @@ class Accumulator:
             self._add_row(0, grads)
         else:
             self._backward_full(weighted)
+
+    def _watched_forward(self) -> Any:
+        """The first forward of the accumulator, watched for reentrant checkpoints."""
+        active, self._forward_checked = not self._forward_checked, True
+        return reentrant_checkpoint_check(active)
 
     def _loss(self, name: str, output: Any, target: Any) -> torch.Tensor:
         loss = self.loss_fns[name](output, target)
@@ -532,6 +546,20 @@ def _foreach_into(pairs: list[tuple[torch.Tensor, torch.Tensor]], copy: bool) ->
                 torch._foreach_copy_(dst, src)
             else:
                 torch._foreach_add_(dst, src)
+
+
+@contextlib.contextmanager
+def refusing_reentrant() -> Iterator[None]:
+    """torch's own error for ``autograd.grad`` through a reentrant checkpoint, as the
+    conductor's: a ``ValueError`` that says what to pass instead."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if is_reentrant_checkpoint_error(exc):
+            raise ValueError(
+                REENTRANT_MESSAGE.format(where="", why="torch cannot take autograd.grad through it")
+            ) from exc
+        raise
 
 
 def _stacked(rows: list[tuple[torch.Tensor | None, ...]]) -> Iterator[torch.Tensor | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -39,3 +40,43 @@ def frozen_batchnorm(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     finally:
         for m, mode in zip(bns, modes, strict=True):
             m.train(mode)
+
+
+# What torch.utils.checkpoint says when a reentrant checkpoint's inputs need no gradient: the
+# parameters inside it then get none, silently, whatever backward follows.
+_REENTRANT_NO_GRAD = "None of the inputs have requires_grad=True"
+REENTRANT_MESSAGE = (
+    "the model uses torch.utils.checkpoint with use_reentrant=True{where}: {why}. The conductor "
+    "takes each loss's gradient with torch.autograd.grad, which reentrant checkpointing does "
+    "not support; pass use_reentrant=False to torch.utils.checkpoint.checkpoint (or "
+    "checkpoint_sequential), which gives the same memory saving and exact gradients"
+)
+
+
+@contextlib.contextmanager
+def reentrant_checkpoint_check(active: bool) -> Iterator[None]:
+    """Inside the block (when ``active``: the conductor's first forward), a reentrant
+    checkpoint whose inputs need no gradient is refused with :data:`REENTRANT_MESSAGE` instead of
+    training its parameters on no gradient. Other warnings are passed on as they came."""
+    if not active:
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if _REENTRANT_NO_GRAD in str(w.message):
+            raise ValueError(
+                REENTRANT_MESSAGE.format(
+                    where=" on inputs that need no gradient",
+                    why="the parameters inside such a checkpoint get no gradient at all",
+                )
+            )
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def is_reentrant_checkpoint_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's refusal of ``autograd.grad`` through a reentrant checkpoint."""
+    text = str(exc)
+    return "use_reentrant=True" in text and "checkpoint" in text and ".grad()" in text

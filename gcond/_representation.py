@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._accumulate import Accumulator, DataProvider, Gradients
+from ._accumulate import Accumulator, DataProvider, Gradients, refusing_reentrant
 from ._distributed import distributed
 from ._model_io import autocast, call_model, frozen_batchnorm
 from ._noise import MicroBatchNoise
@@ -71,14 +71,14 @@ class RepresentationAccumulator(Accumulator):
         self._weight_sum = torch.zeros(k, dtype=torch.float64)
         self._counts: dict[str, float] = {}
         self._micro_grams = []
-        with frozen_batchnorm(self.module, self.config.freeze_bn):
+        with frozen_batchnorm(self.module, self.config.freeze_bn), refusing_reentrant():
             for _ in range(self.config.accumulation_steps):
                 self._micro_batch_at_representation(data_provider)
         return self.summarize_merged(self._step_decisions())
 
     def _forward(self, x: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``z = trunk(x)``, the heads on ``z`` detached, the K loss values (float32)."""
-        with autocast(self.device, self.autocast_dtype):
+        with autocast(self.device, self.autocast_dtype), self._watched_forward():
             z = call_model(self.trunk, x)
             if not isinstance(z, torch.Tensor):
                 raise TypeError(
